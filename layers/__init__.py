@@ -1,0 +1,1 @@
+"""Building blocks shared by both stages (imports torch only, never a stage)."""

@@ -1,0 +1,1 @@
+"""tokenforge: stage2."""
