@@ -60,7 +60,8 @@ class Rotary(nn.Module):
             n = num_prefix + cells
             if max_len is not None and max_len != n:
                 raise ValueError(
-                    f"rotary grid {grid} with {num_prefix} prefix token(s) has {n} positions, max_len={max_len}"
+                    f"rotary grid {grid} with {num_prefix} prefix token(s) has {n} positions, "
+                    f"not max_len={max_len}"
                 )
             if pairs < len(grid):
                 raise ValueError(f"head_dim {head_dim} too small to rotate {len(grid)} grid axes")
