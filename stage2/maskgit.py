@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from stage2.sampling import filter_logits
 from stage2.schedules import mask_ratio
 
 # logits_fn(tokens (B, N) with mask ids, step t) -> logits (B, N, V) over the V real codes.
@@ -66,22 +67,28 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: t
 
 
 def _sample_tokens(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """Sample one token per position; return it and its log-probability under the sampling law.
 
-    Temperature 0 means greedy decoding (log-probabilities then come from the untempered softmax,
-    so the confidence ranking is still meaningful).
+    Same order as :func:`stage2.sampling.sample_from_logits` (temperature, then top-k/top-p), but
+    the log-probabilities are needed as confidences, so the steps are spelled out here. Temperature
+    0 is greedy; the confidences then come from the untempered (filtered) softmax, so the ranking of
+    positions is still meaningful.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if temperature <= 0:
-        logp = torch.log_softmax(logits, dim=-1)
-        tokens = logits.argmax(dim=-1)
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    if temperature == 0:
+        tokens = logp.argmax(dim=-1)
     else:
-        logp = torch.log_softmax(logits / temperature, dim=-1)
         flat = logp.reshape(-1, logp.shape[-1]).exp()
         tokens = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1])
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -97,6 +104,7 @@ def maskgit_decode(
     steps: int = 8,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     choice_temperature: float = 4.5,
     schedule: str = "cosine",
     generator: torch.Generator | None = None,
@@ -121,7 +129,7 @@ def maskgit_decode(
                 f"logits_fn must return (B, N, V) with V <= mask id {mask_id} (the mask is never a "
                 f"prediction), got {tuple(logits.shape)} for tokens {tuple(tokens.shape)}"
             )
-        sampled, logp = _sample_tokens(logits, temperature, top_k, generator)
+        sampled, logp = _sample_tokens(logits, temperature, top_k, top_p, generator)
         sampled = torch.where(unknown, sampled, tokens)
         noise_scale = choice_temperature * (1.0 - (t + 1) / steps)
         confidence = logp + noise_scale * gumbel_noise(logp.shape, generator, device)
