@@ -1,0 +1,30 @@
+"""Mixture-of-Experts layers: a drop-in FFN (:class:`MoE`), its conv wrapper (:class:`ConvMoE`), and
+routers chosen in YAML, e.g.
+``ffn: {target: layers.moe.MoE, params: {num_experts: 8, top_k: 2, hidden_dim: 1024,
+router: {target: layers.moe.TopKRouter, params: {balance_weight: 0.01}}}}``.
+
+Files: ``routing.py`` (the router -> layer contract, shared losses), ``routers.py`` (sparse
+routers), ``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py``
+(dispatch, MoE, ConvMoE).
+"""
+
+from .experts import StackedExperts
+from .layer import ConvMoE, MoE, SharedExperts, build_router
+from .routers import (
+    AuxFreeRouter,
+    ExpertChoiceRouter,
+    MoEPlusPlusRouter,
+    ReLURouter,
+    Router,
+    TopAnyRouter,
+    TopKRouter,
+    link_gating_residuals,
+)
+from .routing import Routing, balance_loss, z_loss
+from .soft import SoftMoERouter
+
+__all__ = [
+    "AuxFreeRouter", "ConvMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter", "ReLURouter", "Router",
+    "Routing", "SharedExperts", "SoftMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter",
+    "balance_loss", "build_router", "link_gating_residuals", "z_loss",
+]

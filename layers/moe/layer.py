@@ -1,0 +1,182 @@
+"""The MoE layer (a drop-in FFN) and its conv-feature-map wrapper.
+
+Dispatch: the router's flat (token, expert, gate) assignments are sorted by expert (stable
+``argsort``, so within an expert tokens stay in position order), the tokens gathered into one
+contiguous buffer, every expert run on its slice (:mod:`layers.moe.experts`), and the gate-weighted
+results scattered back with ``index_add``. Nothing of size tokens x experts x capacity is built.
+
+Dropless by default. With ``capacity_factor`` each expert keeps at most
+``ceil(k * capacity_factor * N / E)`` assignments, N = all tokens of the batch and k the router's
+assignments per token (A/N); overflow is dropped, lowest priority first: ``drop_policy="position"``
+drops the latest tokens of the batch (GShard/Switch), ``"gate"`` the smallest gates (BPR-like).
+A dropped assignment contributes nothing (the block's residual carries the token). The fraction of
+assignments dropped is reported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from layers.instantiate import ConfigError, check_params, resolve_target
+
+from .experts import StackedExperts
+from .routers import Router
+from .routing import Routing
+
+DEFAULT_ROUTER = {"target": "layers.moe.TopKRouter", "params": {}}
+
+
+def build_router(spec: Mapping[str, Any] | None, dim: int, num_experts: int, top_k: int,
+                 where: str = "moe.router") -> Router:
+    """Instantiate a router spec, filling ``dim``/``num_experts``/``top_k`` where it takes them."""
+    spec = dict(spec or DEFAULT_ROUTER)
+    unknown = set(spec) - {"target", "params"}
+    if unknown or "target" not in spec:
+        raise ConfigError(f"{where}: a router spec is {{target, params}}, got keys {sorted(spec)}")
+    cls = resolve_target(spec["target"])
+    params = dict(spec.get("params") or {})
+    accepted = inspect.signature(cls).parameters
+    for key, value in (("dim", dim), ("num_experts", num_experts), ("top_k", top_k)):
+        if key in accepted and key not in params:
+            params[key] = value
+    check_params(cls, params, where)
+    router = cls(**params)
+    if not isinstance(router, Router):
+        raise ConfigError(f"{where}: {spec['target']} is not a layers.moe router")
+    return router
+
+
+class SharedExperts(nn.Module):
+    """``num_shared`` always-active experts (DeepSeekMoE). n experts of hidden h summed equal one
+    FFN of hidden n*h, so they run as a single dense FFN."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(dim, hidden_dim * (2 if activation == "swiglu" else 1), bias=False)
+        self.w_out = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            g, u = h.chunk(2, dim=-1)
+            return self.w_out(F.silu(g) * u)
+        return self.w_out(F.gelu(h))
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: ``forward(x (B, T, D)) -> (y (B, T, D), aux)``.
+
+    ``aux``: ``loss`` (the router's weighted auxiliary loss, add it to the training loss), ``load``
+    (fraction of assignments per choice, before capacity drops), ``router_entropy``,
+    ``dropped_fraction`` and the router's own statistics. ``num_shared`` adds always-active shared
+    experts of hidden ``shared_hidden_dim or hidden_dim`` each (DeepSeekMoE).
+    """
+
+    def __init__(self, dim: int, num_experts: int = 8, top_k: int = 2, hidden_dim: int | None = None,
+                 router: Mapping[str, Any] | None = None, activation: str = "swiglu",
+                 capacity_factor: float | None = None, drop_policy: str = "position", num_shared: int = 0,
+                 shared_hidden_dim: int | None = None, grouped_mm: bool = False) -> None:
+        super().__init__()
+        if drop_policy not in ("position", "gate"):
+            raise ValueError(f"drop_policy must be 'position' or 'gate', got {drop_policy!r}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive or None (dropless), got {capacity_factor}")
+        hidden_dim = hidden_dim or 4 * dim
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.router = build_router(router, dim, num_experts, top_k)
+        self.experts = StackedExperts(dim, num_experts, hidden_dim, activation, grouped_mm)
+        self.shared = (SharedExperts(dim, num_shared * (shared_hidden_dim or hidden_dim), activation)
+                       if num_shared > 0 else None)
+
+    @property
+    def causal_safe(self) -> bool:
+        """False when the router looks at other tokens of the sequence (expert-choice, Soft MoE)."""
+        return bool(getattr(self.router, "causal_safe", True))
+
+    @property
+    def router_name(self) -> str:
+        return type(self.router).__name__
+
+    def route(self, x: Tensor) -> Routing:
+        if getattr(self.router, "soft", False):
+            return self.router.mix(x, self.experts)
+        return self.router(x)
+
+    def _plan(self, r: Routing, n: int) -> tuple[Tensor, list[int], Tensor]:
+        """Order of assignments sorted by expert, per-expert counts, dropped fraction."""
+        a = r.expert_idx.numel()
+        if self.capacity_factor is not None and self.drop_policy == "gate":
+            pre = torch.argsort(r.gate.detach(), descending=True, stable=True)
+            order = pre[torch.argsort(r.expert_idx[pre], stable=True)]
+        else:
+            order = torch.argsort(r.expert_idx, stable=True)
+        counts = torch.bincount(r.expert_idx, minlength=self.num_experts)
+        dropped = torch.zeros((), device=r.gate.device)
+        if self.capacity_factor is not None and a > 0:
+            capacity = math.ceil(a / n * self.capacity_factor * n / self.num_experts)
+            starts = counts.cumsum(0) - counts
+            expert_sorted = r.expert_idx[order]
+            rank = torch.arange(a, device=order.device) - starts[expert_sorted]
+            keep = rank < capacity
+            dropped = 1.0 - keep.float().mean()
+            order, counts = order[keep], counts.clamp(max=capacity)
+        return order, counts.tolist(), dropped
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        shape = x.shape
+        if x.dim() == 2:  # a single sequence of tokens
+            x = x.unsqueeze(0)
+        elif x.dim() != 3:
+            x = x.reshape(-1, shape[-2], shape[-1])
+        b, t, d = x.shape
+        n = b * t
+        xf = x.reshape(n, d)
+        r = self.route(x)
+        dropped = torch.zeros((), device=x.device)
+        out = None
+        if r.expert_idx.numel() > 0:
+            order, counts, dropped = self._plan(r, n)
+            tok, gate = r.token_idx[order], r.gate[order]
+            ys = self.experts(xf.index_select(0, tok), counts) * gate.unsqueeze(-1).to(x.dtype)
+            out = xf.new_zeros(n, d).index_add(0, tok, ys)
+        elif r.extra is None:  # nothing routed (e.g. ReLU gates all zero): keep experts in the graph
+            out = xf.new_zeros(n, d) + 0 * sum(p.sum() for p in self.experts.parameters())
+        if r.extra is not None:
+            out = r.extra if out is None else out + r.extra
+        if self.shared is not None:
+            out = out + self.shared(xf)
+        aux = {"loss": r.loss, "load": r.load.detach(), "router_entropy": r.entropy,
+               "dropped_fraction": dropped.detach(), **r.stats}
+        return out.reshape(shape), aux
+
+
+class ConvMoE(nn.Module):
+    """An MoE over the positions of a channel-first feature map ``(B, C, *grid)``.
+
+    Positions are flattened to tokens ``(B, prod(grid), C)``, passed through :class:`MoE` and
+    reshaped back, so a stage-one ResNet block can host experts; returns ``(y, aux)`` like MoE.
+    No residual is added here: the hosting block owns its skip connection.
+    """
+
+    def __init__(self, channels: int, **moe_params: Any) -> None:
+        super().__init__()
+        self.moe = MoE(channels, **moe_params)
+
+    @property
+    def causal_safe(self) -> bool:
+        return self.moe.causal_safe
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        b, c = x.shape[:2]
+        tokens = x.reshape(b, c, -1).transpose(1, 2)
+        y, aux = self.moe(tokens)
+        return y.transpose(1, 2).reshape(x.shape), aux
