@@ -1,0 +1,175 @@
+"""Shared body of the quantized autoencoders: encoder -> quantizer -> decoder, validation metrics.
+
+:class:`~stage1.vqvae.VQVAE` and :class:`~stage1.vqgan.VQGAN` differ only in their training loss
+and optimisers; everything a downstream user touches (``encode``, ``decode``, ``code_spec``,
+validation metrics, EMA weights) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from layers.instantiate import instantiate
+from metrics.codebook import CodebookUsage
+from metrics.reconstruction import ReconstructionMetrics
+from stage1.ema import ParameterEMA
+from stage1.networks import Decoder, Encoder, collect_aux
+from stage1.quantizers.base import Quantizer, QuantizerOutput
+from stage1.tokenizer import Tokenizer
+
+
+def _as_list(resolution: int | list[int], dims: int) -> list[int]:
+    if isinstance(resolution, int):
+        return [resolution] * dims
+    res = [int(r) for r in resolution]
+    if len(res) != dims:
+        raise ValueError(f"resolution {res} has {len(res)} axes but the encoder is {dims}-D")
+    return res
+
+
+class QuantizedAutoencoder(Tokenizer):
+    """Encoder, 1x1 projections around a quantizer, decoder; subclasses add the training loss."""
+
+    def __init__(
+        self,
+        encoder: dict[str, Any],
+        quantizer: dict[str, Any],
+        resolution: int | list[int],
+        embed_dim: int = 64,
+        decoder: dict[str, Any] | None = None,
+        rec_loss: str = "l1",
+        lr: float = 2e-4,
+        betas: list[float] | tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        if rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
+        self.encoder = Encoder(**encoder)
+        dec_cfg = dict(encoder) if decoder is None else dict(decoder)
+        if decoder is None:  # mirror the encoder
+            dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
+        self.decoder = Decoder(**dec_cfg)
+        self.dims = int(encoder.get("dims", 2))
+        z_channels = int(encoder.get("z_channels", 64))
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.dims]
+        self.quant_conv = conv(z_channels, embed_dim, 1)
+        self.post_quant_conv = conv(embed_dim, int(dec_cfg.get("z_channels", z_channels)), 1)
+        qspec = dict(quantizer)
+        qspec["params"] = {"dim": embed_dim, **(quantizer.get("params") or {})}
+        self.quantizer: Quantizer = instantiate(qspec, where="model.params.quantizer")
+        self.resolution = _as_list(resolution, self.dims)
+        factor = self.encoder.downsample_factor
+        if any(r % factor for r in self.resolution):
+            raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
+                             f"factor {factor} (2**(len(ch_mult)-1))")
+        self.grid = [r // factor for r in self.resolution]
+        self.ema = ParameterEMA(self._ema_target(), ema_decay) if ema_decay else None
+        depth = getattr(self.quantizer, "depth", None)
+        self.val_usage = CodebookUsage(self.quantizer.codebook_size, depth=depth)
+        # PSNR/SSIM are image metrics; 1-D signals report the reconstruction loss only.
+        self.val_recon = ReconstructionMetrics() if self.dims == 2 else None
+
+    # ----------------------------------------------------------------------------------- contract
+    @property
+    def code_spec(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "depth": getattr(self.quantizer, "depth", None),
+                "codebook_size": int(self.quantizer.codebook_size), "continuous_dim": None}
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        with self._eval_weights():
+            return self.quantizer.encode(self.quant_conv(self.encoder(x)))
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        with self._eval_weights():
+            return self.decoder(self.post_quant_conv(self.quantizer.decode(codes)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput, dict[str, Tensor]]:
+        q = self.quantizer(self.quant_conv(self.encoder(x)))
+        xrec = self.decoder(self.post_quant_conv(q.z_q))
+        enc_aux, dec_aux = collect_aux(self.encoder), collect_aux(self.decoder)
+        aux = {f"encoder.{k}": v for k, v in enc_aux.items() if k != "aux_loss"}
+        aux |= {f"decoder.{k}": v for k, v in dec_aux.items() if k != "aux_loss"}
+        extra = [a["aux_loss"] for a in (enc_aux, dec_aux) if "aux_loss" in a]
+        if extra:
+            aux["aux_loss"] = torch.stack(extra).sum()
+        return xrec, q, aux
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _ema_target(self) -> nn.Module:
+        return nn.ModuleList([self.encoder, self.quant_conv, self.quantizer, self.post_quant_conv, self.decoder])
+
+    def _eval_weights(self):
+        """Use the averaged weights outside training when an EMA is kept."""
+        if self.ema is not None and not self.training:
+            return self.ema.swapped(self._ema_target())
+        return nullcontext()
+
+    def use_ema_weights(self) -> None:
+        """Copy the EMA weights into the live modules for deployment (tokenizing, sampling)."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for s, p in self.ema._pairs(self._ema_target()):
+                    p.copy_(s)
+            self.ema = None
+
+    def reconstruction_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
+        return F.l1_loss(xrec, x) if self.hparams.rec_loss == "l1" else F.mse_loss(xrec, x)
+
+    def log_quantizer_stats(self, prefix: str, q: QuantizerOutput, aux: dict[str, Tensor]) -> None:
+        for key, value in {**q.stats, **aux}.items():
+            if torch.is_tensor(value) and value.numel() == 1:
+                self.log(f"{prefix}/{key}", value.float(), on_step=prefix == "train", on_epoch=prefix != "train")
+
+    def check_finite(self, loss: Tensor, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{what} became {loss.item()} at step {self.global_step}: lower model.params.lr, enable "
+                "trainer.gradient_clip_val (VQ-VAE) or model.params.grad_clip (VQGAN), or use fp32 precision")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self._ema_target())
+
+    # --------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = batch["x"]
+        with self._eval_weights():
+            xrec, q, _ = self(x)
+        self.log("val/rec_loss", self.reconstruction_loss(x, xrec), prog_bar=True, sync_dist=True)
+        self.log("val/q_loss", q.loss.float(), sync_dist=True)
+        self.val_usage.update(q.codes)
+        if self.val_recon is not None:
+            self.val_recon.update(xrec.float().clamp(-1, 1), x.float())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_recon is not None:
+            for key, value in self.val_recon.compute().items():
+                self.log(f"val/{key}", value)
+            self.val_recon.reset()
+        for key, value in self.val_usage.compute().items():
+            self.log(f"val/{key}", value.float(), prog_bar=key == "usage")
+        counts = self.val_usage.counts()  # synchronised across ranks (a collective: every rank calls it)
+        self.last_val_code_counts = counts.detach().cpu()
+        self.log("val/codes_counted", counts.sum().float())
+        self.val_usage.reset()
+
+
+def warmup_cosine(step: int, warmup: int, total: int | None) -> float:
+    """Linear warm-up then (optionally) cosine decay to 10%: the scale for LambdaLR."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if not total or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,1 @@
+"""Training losses of the tokenizers: perceptual (LPIPS) and adversarial (PatchGAN)."""

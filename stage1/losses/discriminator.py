@@ -1,0 +1,56 @@
+"""PatchGAN discriminator (Isola et al., 2017, as used by taming's VQGAN) and GAN losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchDiscriminator(nn.Module):
+    """Strided conv stack ending in a map of real/fake logits, one per receptive-field patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3, dims: int = 2):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+        norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+        layers: list[nn.Module] = [conv(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, num_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < num_layers else 1
+            layers += [conv(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                       norm(channels * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(conv(channels * mult, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    # DCGAN initialisation, as in pix2pix and taming.
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+    """Balance GAN and reconstruction gradients at the decoder's last layer (Esser et al., 2021)."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

@@ -1,0 +1,162 @@
+"""VQGAN (Esser et al., 2021): quantized autoencoder + LPIPS perceptual loss + PatchGAN hinge loss.
+
+Two optimisers under Lightning's manual optimisation: the autoencoder minimises
+``rec + perceptual_weight * LPIPS + quantizer loss + d_weight * disc_factor * g_loss``, where
+``d_weight`` balances the gradients of reconstruction and GAN terms at the decoder's last layer;
+the discriminator starts at ``disc_start`` with the hinge (or vanilla) loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from metrics.lpips_offline import load_lpips
+from stage1.autoencoder import QuantizedAutoencoder, warmup_cosine
+from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
+
+
+class VQGAN(QuantizedAutoencoder):
+    # Recorded at fit time (whether LPIPS weights were found); not a constructor input.
+    recorded_hparams = ("perceptual_active",)
+
+
+    def __init__(
+        self,
+        encoder: dict[str, Any],
+        quantizer: dict[str, Any],
+        resolution: int | list[int],
+        embed_dim: int = 64,
+        decoder: dict[str, Any] | None = None,
+        rec_loss: str = "l1",
+        lr: float = 2e-4,
+        betas: list[float] | tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = None,
+        perceptual_weight: float = 1.0,
+        perceptual: dict[str, Any] | None = None,
+        disc_start: int = 10000,
+        disc_weight: float = 0.8,
+        disc_loss: str = "hinge",
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        disc_lr: float | None = None,
+        adaptive_disc_weight: bool = True,
+        grad_clip: float | None = None,
+    ):
+        super().__init__(encoder=encoder, quantizer=quantizer, resolution=resolution, embed_dim=embed_dim,
+                         decoder=decoder, rec_loss=rec_loss, lr=lr, betas=betas, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, ema_decay=ema_decay)
+        if disc_loss not in D_LOSSES:
+            raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.discriminator = PatchDiscriminator(int(self.decoder.conv_out.out_channels), disc_channels,
+                                                disc_layers, dims=self.dims)
+        self._lpips: list[torch.nn.Module] = []  # a list keeps the frozen net out of state_dict
+
+    # ------------------------------------------------------------------------------- perceptual
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.hparams.perceptual_weight <= 0 or self._lpips:
+            self.hparams.perceptual_active = bool(self._lpips)
+            return
+        opts = dict(self.hparams.perceptual or {})
+        random_weights = bool(opts.pop("random_weights", False))
+        net, reason = load_lpips(net=opts.pop("net", "vgg"), required=bool(opts.pop("required", False)),
+                                 weights_dir=opts.pop("weights_dir", None), pretrained=not random_weights)
+        if opts:
+            raise ValueError(f"unknown model.params.perceptual keys {sorted(opts)}; valid: net, required, "
+                             "weights_dir, random_weights")
+        if net is None:
+            rank_zero_warn(f"{reason} Training continues WITHOUT the perceptual (LPIPS) term; set "
+                           "model.params.perceptual.required=true to make this an error.")
+        else:
+            net.requires_grad_(False).eval()
+            self._lpips.append(net)
+        self.hparams.perceptual_active = net is not None
+
+    def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
+        if not self._lpips:
+            return x.new_zeros(())
+        net = self._lpips[0]
+        if next(net.parameters()).device != x.device:
+            net.to(x.device)
+        return net(xrec.float(), x.float()).mean()
+
+    # --------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        opt_ae, opt_d = self.optimizers()
+        sched_ae, sched_d = self.lr_schedulers()
+        x = batch["x"]
+        disc_on = self.global_step >= self.hparams.disc_start
+
+        # Autoencoder (generator) update.
+        self.toggle_optimizer(opt_ae)
+        xrec, q, aux = self(x)
+        rec = self.reconstruction_loss(x, xrec)
+        p_loss = self.perceptual_loss(x, xrec)
+        nll = rec + self.hparams.perceptual_weight * p_loss
+        loss = nll + q.loss + aux.get("aux_loss", 0.0)
+        g_loss = torch.zeros((), device=x.device)
+        d_weight = torch.zeros((), device=x.device)
+        if disc_on:
+            g_loss = -self.discriminator(xrec).mean()
+            if self.hparams.adaptive_disc_weight:
+                d_weight = adaptive_weight(nll, g_loss, self.decoder.last_layer) * self.hparams.disc_weight
+            else:
+                d_weight = torch.tensor(self.hparams.disc_weight, device=x.device)
+            loss = loss + d_weight * g_loss
+        self.check_finite(loss, "the VQGAN autoencoder loss")
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_ae.step()
+        sched_ae.step()
+        self.untoggle_optimizer(opt_ae)
+
+        # Discriminator update (hinge on real vs. detached reconstructions).
+        d_loss = torch.zeros((), device=x.device)
+        if disc_on:
+            self.toggle_optimizer(opt_d)
+            logits_real = self.discriminator(x.detach())
+            logits_fake = self.discriminator(xrec.detach())
+            d_loss = D_LOSSES[self.hparams.disc_loss](logits_real, logits_fake)
+            self.check_finite(d_loss, "the discriminator loss")
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if self.hparams.grad_clip:
+                self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip,
+                                    gradient_clip_algorithm="norm")
+            # The raw optimiser's step: Lightning would count it as a second global step, and then
+            # trainer.max_steps and disc_start would silently mean half as many batches.
+            opt_d.optimizer.step()
+            self.untoggle_optimizer(opt_d)
+            self.log("train/logits_real", logits_real.mean().detach())
+            self.log("train/logits_fake", logits_fake.mean().detach())
+        sched_d.step()
+
+        self.log("train/rec_loss", rec.detach(), prog_bar=True)
+        self.log("train/p_loss", p_loss.detach())
+        self.log("train/q_loss", q.loss.detach().float())
+        self.log("train/g_loss", g_loss.detach())
+        self.log("train/d_weight", d_weight.detach())
+        self.log("train/d_loss", d_loss.detach(), prog_bar=disc_on)
+        self.log_quantizer_stats("train", q, aux)
+
+    def configure_optimizers(self) -> Any:
+        ae_params = [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]
+        betas = tuple(self.hparams.betas)
+        opt_ae = torch.optim.Adam(ae_params, lr=self.hparams.lr, betas=betas, weight_decay=self.hparams.weight_decay)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr,
+                                 betas=betas)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        warm = self.hparams.warmup_steps
+        return [opt_ae, opt_d], [
+            torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda s: warmup_cosine(s, warm, total)),
+            torch.optim.lr_scheduler.LambdaLR(opt_d, lambda s: warmup_cosine(s, warm, total)),
+        ]

@@ -1,0 +1,116 @@
+"""The train command: smoke configs, resume after interruption, DDP, clear data errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import CONFIGS, assert_finite_and_falling, logged_series, train
+
+import tokenforge.train as train_mod
+
+TOKENIZER_SMOKES = ["vqvae", "vqgan"]
+
+
+def test_every_config_has_a_smoke_twin():
+    missing = [p.name for p in CONFIGS.glob("*.yaml") if not (CONFIGS / "smoke" / p.name).is_file()]
+    assert not missing, f"configs without a configs/smoke/ twin: {missing}"
+
+
+@pytest.mark.parametrize("name", TOKENIZER_SMOKES)
+def test_tokenizer_smoke_config_trains_with_falling_loss(name, run_root):
+    train(CONFIGS / "smoke" / f"{name}.yaml", run_root)
+    run = run_root / name
+    key, values = logged_series(run)
+    assert_finite_and_falling(values, f"{name} {key}")
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    assert list((run / "images").glob("recon_step*.png")), "no reconstruction grid was written"
+    assert list((run / "images").glob("usage_step*.png")), "no usage histogram was written"
+    assert list((run / "logs" / "tb").glob("events.out.tfevents*")), "no TensorBoard log"
+
+
+class _InterruptAt(pl.Callback):
+    """Sends SIGINT to this process after ``step`` optimiser steps (as Ctrl-C would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class _RecordStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.opt_state = trainer.optimizers[0].state_dict()
+
+
+def test_interrupted_run_resumes_at_same_step_with_same_optimizer_state(run_root, monkeypatch):
+    cfg = CONFIGS / "smoke" / "vqvae.yaml"
+    original = train_mod.build_trainer
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [_InterruptAt(7)]))
+    trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
+    assert trainer.interrupted or trainer.global_step == 7
+    last = run_root / "vqvae" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 7
+
+    recorder = _RecordStart()
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [recorder]))
+    trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
+    assert recorder.step == 7
+    restored = recorder.opt_state["state"]
+    for pid, state in saved["optimizer_states"][0]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(restored[pid][k].cpu(), v), f"optimizer state {pid}.{k} differs after resume"
+    assert trainer.global_step == 20
+
+
+def test_fresh_moves_the_old_run_aside(run_root):
+    cfg = CONFIGS / "smoke" / "vqvae.yaml"
+    train(cfg, run_root, ["trainer.max_steps=2", "trainer.val_check_interval=2"])
+    from tokenforge.train import main
+
+    main([str(cfg), "--runs", str(run_root), "--fresh", "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    assert len(list(run_root.glob("vqvae.old-*"))) == 1
+    assert (run_root / "vqvae" / "checkpoints" / "last.ckpt").is_file()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "scripts" / args[0]), *args[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_missing_and_empty_image_folders_give_clear_errors(tmp_path):
+    cfg = str(CONFIGS / "smoke" / "vqgan.yaml")
+    missing = tmp_path / "no_such_folder"
+    r = _cli("train.py", cfg, "--runs", str(tmp_path / "runs"), "data.params.dataset=folder",
+             f"data.params.root={missing}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(missing) in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli("train.py", cfg, "--runs", str(tmp_path / "runs"), "data.params.dataset=folder",
+             f"data.params.root={empty}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(empty) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_ddp_counts_codes_of_both_ranks(tmp_path):
+    cfg = str(CONFIGS / "smoke" / "vqvae.yaml")
+    r = _cli("train.py", cfg, "--runs", str(tmp_path / "runs"), "trainer.strategy=ddp", "trainer.devices=2",
+             "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
+             "data.params.limit_val=64", "trainer.num_sanity_val_steps=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, counted = logged_series(tmp_path / "runs" / "vqvae", keys=["val/codes_counted"])
+    # 64 validation images, 7x7 codes each, split over two ranks: both halves must be counted.
+    assert counted[-1] == 64 * 49, counted

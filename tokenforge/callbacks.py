@@ -1,0 +1,136 @@
+"""Callbacks the train command adds: run metadata, safe interruption, image grids, usage histograms."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+
+from tokenforge.images import save_grid, save_usage_histogram
+
+
+class RunMetadata(pl.Callback):
+    """Stores the resolved config in every checkpoint, so ``evaluate``/``sample`` need nothing else."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault("tokenforge", {})["config"] = self.config
+
+
+class SaveOnInterrupt(pl.Callback):
+    """On SIGINT/SIGTERM, finish the current batch, write ``last.ckpt`` and stop cleanly.
+
+    Lightning's own handling of Ctrl-C stops without saving, which loses everything since the last
+    periodic checkpoint; this makes interrupted training resume exactly where it stopped.
+    """
+
+    def __init__(self, ckpt_path: str | Path):
+        self.ckpt_path = str(ckpt_path)
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:  # a second Ctrl-C: give up waiting
+            raise KeyboardInterrupt
+        self.requested = signum
+        rank_zero_info(f"\nreceived {signal.Signals(signum).name}: saving {self.ckpt_path} after this batch")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.requested = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside some launchers): leave defaults
+                pass
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        flag = torch.tensor(float(self.requested is not None), device=pl_module.device)
+        if trainer.world_size > 1:  # every rank must agree to stop, or DDP deadlocks
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() > 0:
+            trainer.save_checkpoint(self.ckpt_path)
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class ReconstructionGrid(pl.Callback):
+    """Every ``every_n_steps`` training steps, save an input | reconstruction PNG grid of a fixed val batch."""
+
+    def __init__(self, every_n_steps: int = 100, num_images: int = 16, out_dir: str | None = None):
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.out_dir = out_dir
+        self._batch: torch.Tensor | None = None
+
+    def _fixed_batch(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        if self._batch is None:
+            dm = trainer.datamodule
+            if dm is None:
+                return None
+            loader = dm.val_dataloader()
+            xs = []
+            for batch in loader:
+                xs.append(batch["x"])
+                if sum(len(x) for x in xs) >= self.num_images:
+                    break
+            self._batch = torch.cat(xs)[: self.num_images]
+        return self._batch
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or not hasattr(pl_module, "encode"):
+            return
+        x = self._fixed_batch(trainer)
+        if x is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            x = x.to(pl_module.device)
+            xrec = pl_module.decode(pl_module.encode(x)).clamp(-1, 1)
+        pl_module.train(was_training)
+        out = Path(self.out_dir or Path(trainer.default_root_dir) / "images")
+        path = save_grid(torch.cat([x, xrec]).cpu(), out / f"recon_step{step:07d}.png", nrow=len(x))
+        _log_image(trainer, "reconstructions", path, step)
+
+
+class CodebookHistogram(pl.Callback):
+    """After each validation epoch, save the sorted code-usage histogram as a PNG."""
+
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = out_dir
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = getattr(pl_module, "last_val_code_counts", None)
+        if counts is None or trainer.sanity_checking:
+            return
+        out = Path(self.out_dir or Path(trainer.default_root_dir) / "images")
+        save_usage_histogram(counts, out / f"usage_step{trainer.global_step:07d}.png",
+                             title=f"codebook usage, step {trainer.global_step}")
+
+
+def _log_image(trainer: pl.Trainer, tag: str, path: Path, step: int) -> None:
+    """Also send the grid to TensorBoard when that logger is active."""
+    for logger in trainer.loggers:
+        exp = getattr(logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_image"):
+            import numpy as np
+            from PIL import Image
+
+            img = np.asarray(Image.open(path).convert("RGB"))
+            exp.add_image(tag, img, step, dataformats="HWC")
+
+
+__all__ = ["RunMetadata", "SaveOnInterrupt", "ReconstructionGrid", "CodebookHistogram"]

@@ -1,0 +1,118 @@
+"""``python scripts/sample.py PRIOR_CKPT -n 64 [--class 3] [--cfg 2.0] [--top-k 100] ...``.
+
+Samples codes from a prior, decodes them with the tokenizer the prior was trained on (recorded in
+its checkpoint; ``--tokenizer`` overrides), and writes a PNG grid, one PNG per sample, the codes
+(``codes.npy``) and ``samples.json`` holding every sampling setting, into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stage1.tokenizer import load_tokenizer
+from stage2.prior import load_prior
+from tokenforge.checkpoints import atomic_write_text
+from tokenforge.images import save_grid
+
+# CLI flag -> keyword of Prior.sample; only flags the user gave are passed on.
+SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "cfg": "cfg_scale",
+                  "steps": "steps", "choice_temperature": "choice_temperature"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", help="a prior checkpoint, e.g. runs/ar/checkpoints/last.ckpt")
+    p.add_argument("-n", "--num", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
+                   help="class label(s) for a class-conditional prior; several are cycled over the samples")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (0 = none)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (MaskGIT)")
+    p.add_argument("--choice-temperature", dest="choice_temperature", type=float, default=None, help="(MaskGIT)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="samples drawn per forward pass")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the prior)")
+    p.add_argument("--out", help="output folder (default: <run>/samples/<settings>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_intermixed_args(argv)
+
+
+def sampling_kwargs(prior: Any, args: argparse.Namespace) -> dict[str, Any]:
+    accepted = inspect.signature(prior.sample).parameters
+    kwargs: dict[str, Any] = {}
+    for flag, key in SAMPLING_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if key not in accepted:
+            valid = [f"--{f.replace('_', '-')}" for f, k in SAMPLING_FLAGS.items() if k in accepted]
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to {type(prior).__name__}; "
+                             f"its sampling options are {', '.join(valid)}")
+        kwargs[key] = value
+    return kwargs
+
+
+def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
+    parts = [f"n{args.num}"]
+    if args.classes is not None:
+        parts.append("class" + "-".join(map(str, args.classes)))
+    parts += [f"{k}{v}" for k, v in sorted(kwargs.items())]
+    parts.append(f"seed{args.seed}")
+    return Path(args.checkpoint).resolve().parent.parent / "samples" / "_".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    prior = load_prior(args.checkpoint, map_location=args.device)
+    kwargs = sampling_kwargs(prior, args)
+    tok_path = args.tokenizer or prior.tokenizer_path
+    if not tok_path or not Path(tok_path).is_file():
+        raise FileNotFoundError(f"the tokenizer checkpoint {tok_path!r} recorded in {args.checkpoint} does not "
+                                "exist here; pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tok_path, map_location=args.device)
+    if tokenizer.code_spec["codebook_size"] != prior.code_spec["codebook_size"] or \
+            list(tokenizer.code_spec["grid"]) != list(prior.code_spec["grid"]):
+        raise ValueError(f"tokenizer {tok_path} has code spec {tokenizer.code_spec}, but the prior was trained on "
+                         f"{prior.code_spec}")
+    labels = None
+    if args.classes is not None:
+        if prior.num_classes is None:
+            raise ValueError(f"{args.checkpoint} is an unconditional prior; drop --class")
+        labels = torch.tensor([args.classes[i % len(args.classes)] for i in range(args.num)], device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    codes, images = [], []
+    for start in range(0, args.num, args.batch_size):
+        n = min(args.batch_size, args.num - start)
+        cond = labels[start:start + n] if labels is not None else None
+        c = prior.sample(n, cond=cond, generator=gen, **kwargs)
+        codes.append(c.cpu())
+        images.append(tokenizer.decode(c.to(args.device)).clamp(-1, 1).cpu())
+    all_codes, all_images = torch.cat(codes), torch.cat(images)
+
+    out = Path(args.out) if args.out else default_out(args, kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(all_images, out / "grid.png", nrow=int(math.ceil(math.sqrt(args.num))))
+    for i, img in enumerate(all_images):
+        save_grid(img[None], out / f"{i:05d}.png", nrow=1, padding=0)
+    np.save(out / "codes.npy", all_codes.numpy())
+    record = {"checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "num": args.num,
+              "classes": None if labels is None else labels.tolist(), "seed": args.seed,
+              "sampling": kwargs, "prior": type(prior).__name__, "code_shape": list(all_codes.shape)}
+    atomic_write_text(out / "samples.json", json.dumps(record, indent=2))
+    print(f"wrote {args.num} samples to {out} (grid.png, 00000.png..., codes.npy, samples.json)")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
