@@ -1,0 +1,498 @@
+"""The code-file format: integer codes from a stage-1 tokenizer, sharded, with a manifest.
+
+A code folder holds ``manifest.json`` and, per split, shards ``{split}-{index:05d}.npy`` (codes,
+``uint16`` when the codebook has at most 65536 entries, else ``int32``) and, when the data has labels,
+``{split}-{index:05d}.labels.npy`` (int64). Shard ``i`` holds the split's items
+``[i * shard_size, i * shard_size + count)``, so the shard index is a pure function of the data
+position: distributed ranks write disjoint shards and an interrupted run knows where to resume.
+
+Every file is written to a temporary name and renamed into place, so a killed run never leaves a half
+shard; the manifest is rewritten (atomically, sorted keys, no timestamps) after each shard and rebuilt
+from the files on disk by ``finalize()``. Re-running after an interruption therefore produces the same
+bytes as a run that was never interrupted. Reading is memory-mapped, so a dataset larger than RAM
+trains without loading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT = "tokenforge-codes"
+VERSION = 1
+MANIFEST = "manifest.json"
+UINT16_MAX_CODES = 65536
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.npy$")
+_LABELS_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.labels\.npy$")
+TOKENIZE_HINT = "python scripts/tokenize.py TOKENIZER.ckpt --out {folder}"
+
+
+class CodeFileError(ValueError):
+    """A code folder is missing, inconsistent, corrupt, or belongs to another tokenizer."""
+
+
+class MissingCodesError(CodeFileError, FileNotFoundError):
+    """The code folder or its manifest does not exist."""
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so multi-GB checkpoints need no memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.npy"
+
+
+def labels_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.labels.npy"
+
+
+def code_dtype(code_spec: Mapping[str, Any]) -> np.dtype:
+    """``uint16`` when every code fits (codebook_size <= 65536), else ``int32``."""
+    size = code_spec.get("codebook_size")
+    if not isinstance(size, int) or size < 1:
+        raise CodeFileError(
+            f"code files hold integer codes, but this code_spec has codebook_size={size!r} "
+            f"(continuous_dim={code_spec.get('continuous_dim')!r}); there is nothing to store as codes"
+        )
+    return np.dtype(np.uint16) if size <= UINT16_MAX_CODES else np.dtype(np.int32)
+
+
+def sample_shape(code_spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """Shape of one item's codes: ``(*grid)`` or ``(*grid, depth)``."""
+    grid = code_spec.get("grid")
+    if not isinstance(grid, Sequence) or not grid:
+        raise CodeFileError(f"code_spec needs a non-empty 'grid', got {grid!r}")
+    depth = code_spec.get("depth")
+    return tuple(int(g) for g in grid) + ((int(depth),) if depth else ())
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: plain dicts/lists (OmegaConf containers and tuples compare equal afterwards)."""
+    if hasattr(value, "items"):
+        value = {str(k): _plain(v) for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        value = [_plain(v) for v in value]
+    return json.loads(json.dumps(value))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a unique temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _dump_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """Memory-map a shard; any failure becomes a :class:`CodeFileError` that names the file."""
+    if not path.is_file():
+        raise CodeFileError(f"shard {path} listed in the manifest is missing; re-run the tokenize command "
+                            "with the same --out to rewrite it")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:
+        raise CodeFileError(f"shard {path} cannot be read as a .npy array ({err}): it is corrupt; delete it "
+                            "and re-run the tokenize command with the same --out to rewrite it") from err
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Load and check ``folder/manifest.json``; a missing folder/manifest names the command that makes it."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        what = "does not exist" if not folder.exists() else f"has no {MANIFEST}"
+        raise MissingCodesError(
+            f"code folder {folder} {what}. Code files are written by tokenizing a dataset with a trained "
+            f"tokenizer: `{TOKENIZE_HINT.format(folder=folder)}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CodeFileError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CodeFileError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        found = manifest.get("version")
+        raise CodeFileError(f"{path} has format version {found!r}; this reader expects {VERSION}")
+    return manifest
+
+
+# -- writing --------------------------------------------------------------------------------------
+class CodeWriter:
+    """Write code shards into ``folder``, resumably.
+
+    The caller cuts each split into chunks of ``shard_size`` items in a fixed order; chunk ``i`` is
+    shard ``i``. Skip chunks for which :meth:`has_shard` is true (resume), :meth:`write_shard` the
+    rest, then :meth:`finalize` once (on one rank, after all ranks are done).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        code_spec: Mapping[str, Any],
+        tokenizer_path: str | os.PathLike,
+        tokenizer_sha256: str,
+        shard_size: int = 4096,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.folder = Path(folder)
+        self.code_spec = _plain(dict(code_spec))
+        self.dtype = code_dtype(self.code_spec)
+        self.sample_shape = sample_shape(self.code_spec)
+        self.shard_size = int(shard_size)
+        self.tokenizer = {"path": str(tokenizer_path), "sha256": str(tokenizer_sha256)}
+        self.manifest_path = self.folder / MANIFEST
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.manifest_path.exists():
+            self._check_compatible(read_manifest(self.folder))
+        else:
+            self._check_empty()
+        self._entries: dict[str, dict[int, dict[str, Any]]] = self._scan()
+        self._write_manifest(complete=False)
+
+    def _check_compatible(self, old: Mapping[str, Any]) -> None:
+        old_tok = old.get("tokenizer") or {}
+        if old_tok.get("sha256") != self.tokenizer["sha256"]:
+            raise CodeFileError(
+                f"code folder {self.folder} was made by another tokenizer: {old_tok.get('path')} "
+                f"(sha256 {old_tok.get('sha256')}), not {self.tokenizer['path']} "
+                f"(sha256 {self.tokenizer['sha256']}). Choose a new --out or delete the folder."
+            )
+        if _plain(old.get("code_spec")) != self.code_spec:
+            raise CodeFileError(f"code folder {self.folder} holds code_spec {old.get('code_spec')}, "
+                                f"not {self.code_spec}. Choose a new --out or delete the folder.")
+        if old.get("shard_size") != self.shard_size:
+            raise CodeFileError(
+                f"code folder {self.folder} was written with shard_size={old.get('shard_size')}; resuming "
+                f"with {self.shard_size} would misplace items. Use the same shard size, a new --out, or "
+                "delete the folder."
+            )
+
+    def _check_empty(self) -> None:
+        """Refuse to write shards into a folder of unrelated files (a mistyped --out)."""
+        # The manifest itself may appear meanwhile: another rank creating the same folder.
+        ours = (MANIFEST,)
+        foreign = [p.name for p in self.folder.iterdir() if not (
+            p.name in ours or _SHARD_RE.match(p.name) or _LABELS_RE.match(p.name) or p.name.endswith(".tmp"))]
+        if foreign:
+            raise CodeFileError(
+                f"{self.folder} is not empty and is not a code folder (no {MANIFEST}; it holds e.g. "
+                f"{foreign[0]}). Choose a new --out."
+            )
+
+    # shard bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if not _SPLIT_RE.match(split):
+            raise ValueError(f"split names are letters, digits and '_' (got {split!r})")
+
+    def has_shard(self, split: str, index: int) -> bool:
+        """True when shard ``index`` of ``split`` is complete on disk (its codes file is renamed last)."""
+        self._check_split(split)
+        return (self.folder / shard_name(split, index)).is_file()
+
+    def shard_bounds(self, index: int, total: int) -> tuple[int, int]:
+        """Item range ``[start, stop)`` of shard ``index`` in a split of ``total`` items."""
+        start = index * self.shard_size
+        return start, min(start + self.shard_size, total)
+
+    def num_shards(self, total: int) -> int:
+        return -(-total // self.shard_size)
+
+    def _describe(self, split: str, index: int) -> dict[str, Any]:
+        """The manifest entry of one shard, from the files on disk."""
+        path = self.folder / shard_name(split, index)
+        codes = _open_npy(path)
+        entry: dict[str, Any] = {"index": index, "file": path.name, "count": int(codes.shape[0]),
+                                 "sha256": sha256_file(path), "labels": None, "max_label": None}
+        lpath = self.folder / labels_name(split, index)
+        if lpath.is_file():
+            labels = _open_npy(lpath)
+            entry.update(labels=lpath.name, labels_sha256=sha256_file(lpath),
+                         max_label=int(labels.max()) if len(labels) else None)
+        return entry
+
+    def _scan(self) -> dict[str, dict[int, dict[str, Any]]]:
+        entries: dict[str, dict[int, dict[str, Any]]] = {}
+        for p in sorted(self.folder.iterdir()):
+            m = _SHARD_RE.match(p.name)
+            if m:
+                split, index = m["split"], int(m["index"])
+                entries.setdefault(split, {})[index] = self._describe(split, index)
+        return entries
+
+    def _manifest(self, complete: bool) -> dict[str, Any]:
+        splits = {}
+        max_label = None
+        for split, shards in sorted(self._entries.items()):
+            listed = [shards[i] for i in sorted(shards)]
+            splits[split] = {"shards": listed, "count": sum(e["count"] for e in listed)}
+            for e in listed:
+                if e["max_label"] is not None:
+                    max_label = e["max_label"] if max_label is None else max(max_label, e["max_label"])
+        return {
+            "format": FORMAT, "version": VERSION, "tokenizer": self.tokenizer, "code_spec": self.code_spec,
+            "dtype": self.dtype.name, "sample_shape": list(self.sample_shape), "shard_size": self.shard_size,
+            "num_classes": None if max_label is None else max_label + 1,
+            "complete": complete, "splits": splits,
+        }
+
+    def _write_manifest(self, complete: bool) -> dict[str, Any]:
+        manifest = self._manifest(complete)
+        _dump_manifest(self.manifest_path, manifest)
+        return manifest
+
+    # writing -------------------------------------------------------------------------------------
+    def write_shard(self, split: str, index: int, codes: Any, labels: Any = None) -> Path:
+        """Write shard ``index`` of ``split`` (codes ``(n, *sample_shape)``, labels ``(n,)``) atomically."""
+        self._check_split(split)
+        codes = _to_numpy(codes)
+        if codes.ndim != 1 + len(self.sample_shape) or tuple(codes.shape[1:]) != self.sample_shape:
+            raise CodeFileError(f"codes of shape {tuple(codes.shape)} do not match the code spec: expected "
+                                f"(n, {', '.join(map(str, self.sample_shape))})")
+        n = codes.shape[0]
+        if not 1 <= n <= self.shard_size:
+            raise CodeFileError(f"a shard holds 1..{self.shard_size} items, got {n}")
+        if codes.dtype.kind not in "iu":
+            raise CodeFileError(f"codes must be integers, got {codes.dtype}")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.code_spec["codebook_size"]:
+            size = self.code_spec["codebook_size"]
+            raise CodeFileError(f"codes span [{lo}, {hi}], outside the codebook [0, {size})")
+        if labels is not None:
+            labels = _to_numpy(labels)
+            if labels.shape != (n,) or labels.dtype.kind not in "iu" or (n and labels.min() < 0):
+                raise CodeFileError(f"labels must be non-negative integers of shape ({n},), "
+                                    f"got {labels.dtype} {labels.shape}")
+            # Labels first, codes last: the codes file's existence marks the shard complete.
+            _save_npy(self.folder / labels_name(split, index), np.ascontiguousarray(labels, dtype=np.int64))
+        _save_npy(self.folder / shard_name(split, index), np.ascontiguousarray(codes, dtype=self.dtype))
+        self._entries.setdefault(split, {})[index] = self._describe(split, index)
+        self._write_manifest(complete=False)
+        return self.folder / shard_name(split, index)
+
+    def finalize(self) -> dict[str, Any]:
+        """Rebuild the manifest from the shards on disk (all ranks' work), check it, mark it complete.
+
+        Call once, after every rank has written its shards. Raises :class:`CodeFileError` when a split
+        has a gap (a missing shard) or a short shard before its last, i.e. the run is not finished.
+        """
+        for p in self.folder.glob(".*.tmp"):  # leftovers of a killed write; no rank is writing now
+            p.unlink(missing_ok=True)
+        self._entries = self._scan()
+        for split, shards in self._entries.items():
+            indices = sorted(shards)
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            if missing:
+                raise CodeFileError(f"{self.folder}: split {split!r} lacks shards {missing[:10]}; "
+                                    "re-run the tokenize command with the same --out to finish it")
+            short = [i for i in indices[:-1] if shards[i]["count"] != self.shard_size]
+            if short:
+                raise CodeFileError(f"{self.folder}: split {split!r} shards {short[:10]} hold fewer than "
+                                    f"shard_size={self.shard_size} items but are not the last shard")
+            if len({shards[i]["labels"] is None for i in indices}) > 1:
+                raise CodeFileError(f"{self.folder}: split {split!r} has labels for some shards only")
+        return self._write_manifest(complete=True)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# -- reading --------------------------------------------------------------------------------------
+class CodeDataset(Dataset):
+    """All shards of one split, memory-mapped and indexed as one sequence.
+
+    Items are ``{"codes": LongTensor (*grid[, depth]), "label": LongTensor ()}`` (``label`` when the
+    split has labels). Every shard is checked against the manifest on opening (count, shape, dtype;
+    with ``verify=True`` also its SHA-256, which reads every byte), so a mismatched or truncated
+    file fails here with its name rather than as a wrong batch mid-training.
+    """
+
+    def __init__(self, folder: str | os.PathLike, split: str = "train", verify: bool = False,
+                 limit: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        splits = self.manifest.get("splits") or {}
+        if split not in splits:
+            raise CodeFileError(f"code folder {self.folder} has no split {split!r} "
+                                f"(it has: {', '.join(sorted(splits)) or 'none'})")
+        self.split = split
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.sample_shape = tuple(self.manifest["sample_shape"])
+        info = splits[split]
+        self._shards = [dict(e) for e in info["shards"]]
+        with_labels = {e.get("labels") is not None for e in self._shards}
+        if len(with_labels) > 1:
+            raise CodeFileError(f"{self.folder / MANIFEST}: split {split!r} has labels for some shards only")
+        self.has_labels = with_labels == {True}
+        counts = [int(e["count"]) for e in self._shards]
+        if sum(counts) != int(info["count"]):
+            raise CodeFileError(f"{self.folder / MANIFEST}: split {split!r} count {info['count']} is not the "
+                                f"sum of its shard counts ({sum(counts)})")
+        self._offsets = np.cumsum([0] + counts)
+        total = int(self._offsets[-1])
+        self._length = total if limit is None else min(int(limit), total)
+        self._maps: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+        self._open(verify)
+
+    def _open(self, verify: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        if self._maps is None:
+            maps = []
+            for entry in self._shards:
+                path = self.folder / entry["file"]
+                codes = _open_npy(path)
+                want = (int(entry["count"]), *self.sample_shape)
+                if codes.dtype != self.dtype or codes.shape != want:
+                    raise CodeFileError(
+                        f"shard {path} holds {codes.dtype} {codes.shape} but the manifest says "
+                        f"{self.dtype.name} {want}; the folder is inconsistent (re-run the tokenize command "
+                        "into a new --out)"
+                    )
+                if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+                    raise CodeFileError(f"shard {path} does not match its SHA-256 in the manifest (corrupt)")
+                labels = None
+                if self.has_labels:
+                    lpath = self.folder / entry["labels"]
+                    labels = _open_npy(lpath)
+                    if labels.dtype != np.int64 or labels.shape != (int(entry["count"]),):
+                        raise CodeFileError(f"labels {lpath} hold {labels.dtype} {labels.shape}, expected "
+                                            f"int64 ({entry['count']},)")
+                    if verify and entry.get("labels_sha256") and sha256_file(lpath) != entry["labels_sha256"]:
+                        raise CodeFileError(f"labels {lpath} do not match their SHA-256 in the manifest")
+                maps.append((codes, labels))
+            self._maps = maps
+        return self._maps
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps would be pickled as full copies into each worker; re-open them there instead.
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self._length):
+            raise IndexError(f"index out of range for {self._length} items")
+        maps = self._open()
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        codes = np.empty((len(idx), *self.sample_shape), dtype=np.int64)
+        labels = np.empty(len(idx), dtype=np.int64) if self.has_labels else None
+        for s in np.unique(shard):
+            rows = np.nonzero(shard == s)[0]
+            local = idx[rows] - self._offsets[s]
+            shard_codes, shard_labels = maps[s]
+            codes[rows] = shard_codes[local]
+            if labels is not None:
+                labels[rows] = shard_labels[local]
+        batch = {"codes": torch.from_numpy(codes)}
+        if labels is not None:
+            batch["label"] = torch.from_numpy(labels)
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += self._length
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+def _collate(batch: Any) -> dict[str, torch.Tensor]:
+    """Batches arrive whole from ``__getitems__``; a list of single items (no batching) is stacked."""
+    if isinstance(batch, list):
+        return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+    return batch
+
+
+class CodesDataModule(pl.LightningDataModule):
+    """Train/val loaders over a code folder; batches ``{"codes": LongTensor, "label": LongTensor}``.
+
+    ``code_spec``, ``num_classes`` (max label + 1, or None without labels) and ``tokenizer_path`` are
+    read from the manifest at construction, so a prior can size itself before ``setup()``.
+    ``limit_train``/``limit_val`` keep the first items of each split (shards are contiguous, so this
+    touches the fewest files).
+    """
+
+    def __init__(self, codes: str, batch_size: int = 64, num_workers: int = 0, limit_train: int | None = None,
+                 limit_val: int | None = None, seed: int = 0, verify: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.folder = Path(codes)
+        self.manifest = read_manifest(self.folder)
+        if not self.manifest.get("complete", False):
+            warnings.warn(f"code folder {self.folder} is from an unfinished tokenize run; re-run the "
+                          "tokenize command with the same --out to complete it", stacklevel=2)
+        self.code_spec: dict[str, Any] = self.manifest["code_spec"]
+        self.num_classes: int | None = self.manifest.get("num_classes")
+        self.tokenizer_path: str | None = (self.manifest.get("tokenizer") or {}).get("path")
+        self.tokenizer_sha256: str | None = (self.manifest.get("tokenizer") or {}).get("sha256")
+        self.batch_size, self.num_workers, self.seed, self.verify = batch_size, num_workers, seed, verify
+        self.limits = {"train": limit_train, "val": limit_val}
+        self.datasets: dict[str, CodeDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self.datasets and split in self.manifest["splits"]:
+                self.datasets[split] = CodeDataset(self.folder, split, verify=self.verify,
+                                                   limit=self.limits[split])
+        if "train" not in self.datasets and stage in (None, "fit"):
+            raise CodeFileError(f"code folder {self.folder} has no 'train' split")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, collate_fn=_collate, generator=generator,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.datasets:
+            self.setup()
+        if "val" not in self.datasets:
+            return []  # no val split: Lightning skips validation
+        return self._loader("val", shuffle=False)
