@@ -50,9 +50,14 @@ def _dist() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def encode_shards(model: Any, dataset: Any, writer: CodeWriter, split: str, batch_size: int, device: str,
+def encode_shards(model: Any, split_loader: DataLoader, writer: CodeWriter, split: str, batch_size: int, device: str,
                   rank: int = 0, world: int = 1) -> int:
-    """Encode and write this rank's missing shards of ``split``; returns how many were written."""
+    """Encode and write this rank's missing shards of ``split``; returns how many were written.
+
+    ``split_loader`` is the DataModule's unshuffled loader of the split: its dataset and collate
+    function are reused over each shard's item range.
+    """
+    dataset = split_loader.dataset
     total = len(dataset)
     todo = [i for i in range(writer.num_shards(total)) if i % world == rank and not writer.has_shard(split, i)]
     written = 0
@@ -60,7 +65,8 @@ def encode_shards(model: Any, dataset: Any, writer: CodeWriter, split: str, batc
                desc=f"{split} (rank {rank})" if world > 1 else split, unit="item", disable=rank != 0 and world > 1)
     for index in todo:
         start, stop = writer.shard_bounds(index, total)
-        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False)
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
+                            collate_fn=split_loader.collate_fn)
         codes, labels = [], []
         for batch in loader:
             codes.append(model.encode(batch["x"].to(device)).cpu())
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     writer = CodeWriter(args.out, model.code_spec, tokenizer_path=str(Path(args.checkpoint)),
                         tokenizer_sha256=sha256_file(args.checkpoint), shard_size=args.shard_size)
     for split in args.splits:
-        encode_shards(model, dm.split_dataset(split), writer, split, args.batch_size, args.device, rank, world)
+        encode_shards(model, dm.split_dataloader(split), writer, split, args.batch_size, args.device, rank, world)
     if world > 1:
         torch.distributed.barrier()
     manifest: dict[str, Any] = {}
