@@ -1,0 +1,167 @@
+"""Shared numerics for the codebook quantizers: chunked nearest-code search, k-means, the
+straight-through / rotation-trick lookup, and DDP helpers.
+
+Everything here works on rows ``(N, d)`` in fp32. The distance is always the matmul form
+``||z||^2 - 2 z.E^T + ||E||^2``; ``||z||^2`` is constant per row, so the argmin only needs
+``||E||^2 - 2 z.E^T`` (one ``addmm``), computed over row chunks so the ``N x K`` temporary stays
+bounded, with the argmin taken per chunk. There is never a Python loop over codes and never an
+``N x K`` one-hot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows per chunk are chosen so that one chunk's N_chunk x K fp32 distance block stays about this
+# size (16 MiB): far below the unchunked N x K for large batches, yet few enough chunks that the
+# per-call threading overhead (large when the cores are shared) stays negligible; the block is
+# allocated once per call and reused by every chunk. Rows below ~128 start to hurt the GEMM.
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+MAX_BLOCK_ELEMENTS = 1 << 24
+MIN_CHUNK_ROWS = 128
+
+
+def default_chunk_rows(codebook_size: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
+    """Rows per distance chunk so that ``rows * codebook_size`` stays near ``block_elements``."""
+    rows = max(block_elements // max(codebook_size, 1), MIN_CHUNK_ROWS)
+    return max(min(rows, MAX_BLOCK_ELEMENTS // max(codebook_size, 1)), 1)
+
+
+@torch.no_grad()
+def nearest_code(
+    rows: Tensor,
+    codebook: Tensor,
+    *,
+    cosine: bool = False,
+    code_sq: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """Index of the nearest code for every row.
+
+    ``rows`` ``(N, d)`` and ``codebook`` ``(K, d)`` must be fp32. With ``cosine=True`` both are
+    assumed l2-normalised and the nearest code is the largest dot product. ``code_sq`` (``||E||^2``,
+    shape ``(K,)``) may be passed when the caller already has it.
+    """
+    n, k = rows.shape[0], codebook.shape[0]
+    chunk = chunk_rows or default_chunk_rows(k)
+    codes_t = codebook.t()  # (d, K) view: BLAS takes the transposed operand without a copy
+    if not cosine and code_sq is None:
+        code_sq = codebook.pow(2).sum(1)
+    idx = torch.empty(n, dtype=torch.long, device=rows.device)
+    block = torch.empty(min(chunk, n), k, dtype=rows.dtype, device=rows.device)  # reused by every chunk
+    for start in range(0, n, chunk):
+        part = rows[start : start + chunk]
+        dist_block = block[: part.shape[0]]
+        if cosine:
+            torch.mm(part, codes_t, out=dist_block)
+            torch.argmax(dist_block, dim=1, out=idx[start : start + chunk])
+        else:
+            torch.addmm(code_sq, part, codes_t, alpha=-2.0, out=dist_block)
+            torch.argmin(dist_block, dim=1, out=idx[start : start + chunk])
+    return idx
+
+
+@torch.no_grad()
+def kmeans(
+    rows: Tensor, k: int, iters: int, *, cosine: bool = False, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on ``rows`` (fp32), seeded by ``k`` random rows; returns centroids and counts.
+
+    Assignment reuses :func:`nearest_code`; the update is a ``bincount`` plus ``index_add_``. A
+    cluster that loses all its members keeps its previous centroid.
+    """
+    n = rows.shape[0]
+    if n >= k:
+        seed = torch.randperm(n, device=rows.device)[:k]
+    else:
+        seed = torch.randint(0, n, (k,), device=rows.device)
+    centroids = rows[seed].clone()
+    if cosine:
+        centroids = F.normalize(centroids, dim=1)
+    counts = torch.zeros(k, dtype=rows.dtype, device=rows.device)
+    for _ in range(max(iters, 1)):
+        idx = nearest_code(rows, centroids, cosine=cosine, chunk_rows=chunk_rows)
+        counts = torch.bincount(idx, minlength=k).to(rows.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, idx, rows)
+        filled = counts > 0
+        new = sums / counts.clamp_min(1.0).unsqueeze(1)
+        if cosine:
+            new = F.normalize(new, dim=1)
+        centroids = torch.where(filled.unsqueeze(1), new, centroids)
+    return centroids, counts
+
+
+class _CodeLookup(torch.autograd.Function):
+    """``codebook[idx]`` in the forward; the backward hands the gradient to the encoder rows.
+
+    Plain mode is the straight-through estimator ``z + (q - z).detach()`` without its two extra
+    elementwise passes (and with a forward value exactly equal to the code). Rotation mode is the
+    rotation trick (Fifty et al. 2024): the output is treated as ``sg(lambda R) e`` with ``R`` the
+    rotation taking ``e_hat`` to ``q_hat`` (``R = I - 2 r r^T + 2 q_hat e_hat^T``,
+    ``r = (e_hat + q_hat)/|e_hat + q_hat|``) and ``lambda = |q|/|e|``; its gradient is
+    ``lambda R^T g = lambda (g - 2 r (r.g) + 2 e_hat (q_hat.g))``, computed per row, never as a
+    ``d x d`` matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, codebook: Tensor, idx: Tensor, rotate: bool) -> Tensor:  # noqa: D102
+        q = codebook.index_select(0, idx)
+        ctx.rotate = rotate
+        if rotate:
+            ctx.save_for_backward(rows, q)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        if not ctx.rotate:
+            return grad, None, None, None
+        rows, q = ctx.saved_tensors
+        eps = 1e-12
+        e_norm = rows.norm(dim=1, keepdim=True).clamp_min(eps)
+        q_norm = q.norm(dim=1, keepdim=True).clamp_min(eps)
+        e_hat = rows / e_norm
+        q_hat = q / q_norm
+        r = e_hat + q_hat
+        r = r / r.norm(dim=1, keepdim=True).clamp_min(eps)
+        g = grad - 2.0 * r * (r * grad).sum(1, keepdim=True) + 2.0 * e_hat * (q_hat * grad).sum(1, keepdim=True)
+        return g * (q_norm / e_norm), None, None, None
+
+
+def lookup_with_estimator(rows: Tensor, codebook: Tensor, idx: Tensor, *, rotate: bool = False) -> Tensor:
+    """``codebook[idx]`` whose gradient flows to ``rows`` by straight-through or the rotation trick.
+
+    ``codebook`` gets no gradient from this path (codebook learning goes through its own loss or EMA).
+    """
+    return _CodeLookup.apply(rows, codebook.detach(), idx, rotate)
+
+
+def ddp_active() -> bool:
+    """True when a multi-process ``torch.distributed`` group is up (EMA stats must then be summed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(*tensors: Tensor) -> None:
+    """Sum tensors over DDP ranks in place (no-op on a single process)."""
+    if ddp_active():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def broadcast_(*tensors: Tensor, src: int = 0) -> None:
+    """Make every rank hold rank ``src``'s values (no-op on a single process)."""
+    if ddp_active():
+        for t in tensors:
+            dist.broadcast(t, src=src)
+
+
+def soft_entropy_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean per-row entropy and entropy of the batch-averaged distribution of ``softmax(logits)``."""
+    log_p = torch.log_softmax(logits, dim=1)
+    p = log_p.exp()
+    per_sample = -(p * log_p).sum(1).mean()
+    avg = p.mean(0)
+    batch = -(avg * torch.log(avg.clamp_min(1e-12))).sum()
+    return per_sample, batch
