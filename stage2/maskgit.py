@@ -157,8 +157,11 @@ class MaskGITPrior(Prior):
     Args:
         codes, code_spec, num_classes, tokenizer_path: see :func:`stage2.prior.resolve_code_spec`.
         dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the
-            :class:`layers.transformer.Transformer` (always bidirectional); ``positions`` defaults to
-            rope2d (``learned`` and ``rope1d`` work too).
+            :class:`layers.transformer.Transformer` (always bidirectional). ``positions`` defaults to
+            learned absolute embeddings, as in MaskGIT: at the first decoding step every input is the
+            mask token, and only absolute positions tell the cells apart (with rotary positions the
+            model must infer them from grid-border effects, and learns far more slowly). ``rope2d``
+            and ``rope1d`` work too.
         mask_schedule: gamma of :mod:`stage2.schedules` used to draw training masks and, unless
             ``sample(schedule=...)`` says otherwise, to decode.
         label_smoothing: cross-entropy label smoothing on the masked positions (MaskGIT uses 0.1).
@@ -178,7 +181,7 @@ class MaskGITPrior(Prior):
         mlp_ratio: float = 4.0,
         norm: str = "rmsnorm",
         mlp: str = "swiglu",
-        positions: str = "rope2d",
+        positions: str = "learned",
         dropout: float = 0.0,
         ffn: Mapping[str, Any] | None = None,
         ffn_every: int = 1,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stage2.maskgit import mask_counts, maskgit_decode, random_mask, remask_counts
+from stage2.maskgit import MaskGITPrior, mask_counts, maskgit_decode, random_mask, remask_counts
 from stage2.schedules import SCHEDULES, get_schedule, mask_ratio
 
 # ---------------------------------------------------------------- schedules
@@ -139,3 +139,196 @@ def test_decode_is_deterministic_under_a_seeded_generator() -> None:
 def test_decode_refuses_logits_that_include_the_mask() -> None:
     with pytest.raises(ValueError, match="mask id"):
         maskgit_decode(lambda tok, t: torch.zeros(*tok.shape, 9), 1, 4, 8, steps=2)
+
+
+# ---------------------------------------------------------------- the prior
+
+SPEC = {"grid": [3, 3], "depth": None, "codebook_size": 12, "continuous_dim": None}
+TINY = {"dim": 32, "depth": 2, "heads": 4}
+
+
+def _prior(**kw) -> MaskGITPrior:
+    params = {"code_spec": SPEC, "num_classes": 3, **TINY, **kw}
+    return MaskGITPrior(**params).eval()
+
+
+def _sample(model: MaskGITPrior, seed: int = 7, n: int = 5, **kw) -> torch.Tensor:
+    return model.sample(n, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_prior_forward_calls_and_mask_token_layout() -> None:
+    model = _prior()
+    assert model.mask_id == 12 and model.tok_emb.num_embeddings == 13 and model.head.out_features == 12
+    assert model.cls_emb.num_embeddings == 4 and model.null_class == 3
+    calls = []
+    original = model.forward
+    model.forward = lambda tokens, labels=None: calls.append(tokens.clone()) or original(tokens, labels)
+    codes = _sample(model, steps=5)
+    assert codes.shape == (5, 3, 3) and codes.min() >= 0 and codes.max() < 12
+    assert len(calls) == 5 and (calls[0] == 12).all()  # one forward per step, starting all-masked
+
+
+def test_training_loss_is_cross_entropy_on_exactly_the_masked_positions() -> None:
+    model = _prior(label_smoothing=0.0, cond_drop_prob=0.0)
+    seen = {}
+    original = model.forward
+
+    def spy(tokens, labels=None):
+        seen["tokens"], seen["labels"] = tokens.clone(), labels
+        seen["logits"], aux = original(tokens, labels)
+        return seen["logits"], aux
+
+    model.forward = spy
+    codes = torch.randint(0, 12, (8, 3, 3), generator=torch.Generator().manual_seed(0))
+    batch = {"codes": codes, "label": torch.arange(8) % 3}
+    loss, nll, _, _, _ = model._masked_loss(batch, train=True, generator=torch.Generator().manual_seed(4))
+    r = torch.rand(8, generator=torch.Generator().manual_seed(4))
+    masked = seen["tokens"] == model.mask_id
+    assert masked.sum(1).tolist() == mask_counts(r, 9, "cosine").tolist()
+    flat = codes.reshape(8, 9)
+    assert torch.equal(seen["tokens"][~masked], flat[~masked])  # visible tokens are the true codes
+    expected = torch.nn.functional.cross_entropy(seen["logits"][masked], flat[masked])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, expected)
+    assert torch.equal(seen["labels"], batch["label"])
+    smooth = _prior(label_smoothing=0.2, cond_drop_prob=0.0)
+    smooth.load_state_dict(model.state_dict())
+    s_loss, s_nll, *_ = smooth._masked_loss(batch, train=True, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(s_nll, nll)
+    # same weights and masks, so the same logits: smoothing mixes in the mean NLL over all codes
+    uniform = -seen["logits"][masked].log_softmax(-1).mean(-1).mean()
+    torch.testing.assert_close(s_loss, 0.8 * expected + 0.2 * uniform)
+
+
+def test_cfg_scale_zero_equals_plain_conditional_sampling() -> None:
+    model = _prior()
+    cond = torch.tensor([0, 1, 2, 1, 0])
+    plain = _sample(model, cond=cond)
+    assert torch.equal(_sample(model, cond=cond, cfg_scale=0.0), plain)
+    assert torch.equal(_sample(model, cond=cond, cfg_scale=0.0, cfg_ramp=True), plain)
+    assert not torch.equal(_sample(model, seed=8, cond=cond), plain)  # the seed matters
+    assert torch.equal(_sample(model, cfg_scale=3.0), _sample(model))  # no cond: nothing to guide towards
+
+
+def test_guided_one_step_greedy_decoding_follows_the_cfg_formula() -> None:
+    torch.manual_seed(2)
+    model = _prior()
+    with torch.no_grad():  # large random weights: sharp, class- and position-dependent logits
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    cond = torch.tensor([0, 1, 2, 0, 1])
+    kw = {"steps": 1, "temperature": 0.0, "choice_temperature": 0.0}
+    codes = model.sample(5, cond=cond, cfg_scale=3.0, **kw)
+    assert not torch.equal(codes, model.sample(5, cond=cond, **kw))
+    masked = torch.full((5, 9), model.mask_id)
+    with torch.no_grad():  # one step decides every token from the all-mask input
+        lc, _ = model(masked, cond)
+        lu, _ = model(masked, None)
+    assert torch.equal(codes.reshape(5, 9), (lc + 3.0 * (lc - lu)).argmax(-1))
+
+
+def test_cfg_ramp_raises_the_scale_linearly(monkeypatch) -> None:
+    import stage2.maskgit as mg
+
+    real = mg.cfg_logits
+    scales: list[float] = []
+
+    def spy(cond, uncond, scale):
+        scales.append(scale)
+        return real(cond, uncond, scale)
+
+    monkeypatch.setattr(mg, "cfg_logits", spy)
+    model = _prior()
+    _sample(model, cond=1, steps=4, cfg_scale=2.0, cfg_ramp=True)
+    assert scales == [0.5, 1.0, 1.5, 2.0]
+    scales.clear()
+    _sample(model, cond=1, steps=3, cfg_scale=2.0)
+    assert scales == [2.0, 2.0, 2.0]
+
+
+def test_unconditional_prior_and_bad_arguments() -> None:
+    model = _prior(num_classes=None)
+    assert model.cls_emb.num_embeddings == 1 and model.null_class == 0
+    assert _sample(model, top_k=3, steps=3).shape == (5, 3, 3)
+    with pytest.raises(ValueError, match="unconditional"):
+        model.sample(2, cond=1)
+    with pytest.raises(ValueError, match="class labels"):
+        _prior().sample(2, cond=3)
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        _prior(mask_schedule="cosinus")
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        _prior().sample(2, schedule="nope")
+
+
+@pytest.mark.parametrize("positions", ["rope2d", "learned", "rope1d"])
+def test_residual_codes_flatten_over_depth(positions: str) -> None:
+    spec = {**SPEC, "grid": [2, 3], "depth": 2}
+    model = MaskGITPrior(code_spec=spec, num_classes=None, positions=positions, **TINY).eval()
+    assert model.seq_len == 12
+    codes = torch.randint(0, 12, (4, 2, 3, 2))
+    logits, _ = model(codes)
+    assert logits.shape == (4, 12, 12)
+    with torch.no_grad():  # codes and their depth-minor flattening are the same input
+        torch.testing.assert_close(model(codes.reshape(4, 12))[0], logits)
+    # bidirectional: changing the last token changes the prediction at the first position
+    changed = codes.clone()
+    changed[:, -1, -1, -1] = (changed[:, -1, -1, -1] + 1) % 12
+    assert not torch.allclose(model(changed)[0][:, 0], logits[:, 0])
+    assert _sample(model, steps=4).shape == (5, 2, 3, 2)
+
+
+# ---------------------------------------------------------------- training through the front door
+
+
+def _write_code_folder(folder, n_train: int = 128, n_val: int = 32) -> None:
+    """A tiny labelled code folder through the real writer: class-dependent patterns plus noise."""
+    from data.codes import CodeWriter
+
+    writer = CodeWriter(folder, SPEC, tokenizer_path="none.ckpt", tokenizer_sha256="0" * 64, shard_size=64)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        labels = torch.arange(n) % 3
+        codes = (torch.arange(9)[None] * (labels[:, None] + 1)) % 12
+        noise = torch.rand(n, 9, generator=g) < 0.1
+        codes = torch.where(noise, torch.randint(0, 12, (n, 9), generator=g), codes).view(n, 3, 3)
+        for i in range(0, n, 64):
+            writer.write_shard(split, i // 64, codes[i : i + 64], labels[i : i + 64])
+    writer.finalize()
+
+
+def test_smoke_config_trains_with_falling_loss_and_round_trips(tmp_path) -> None:
+    import csv
+
+    from stage2.prior import load_prior
+    from tokenforge.train import main
+
+    codes = tmp_path / "codes"
+    _write_code_folder(codes)
+    trainer = main(["configs/smoke/maskgit.yaml", f"data.params.codes={codes}", "trainer.max_steps=40",
+                    "--runs", str(tmp_path / "runs")])
+    assert trainer.global_step == 40
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "maskgit" / "logs" / "csv" / "metrics.csv")))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.3, val
+    assert train[-1] < train[0], train
+    assert val[-1] < math.log(12) - 0.7  # well below the uniform distribution over the codebook
+
+    path = tmp_path / "runs" / "maskgit" / "checkpoints" / "last.ckpt"
+    meta = torch.load(path, weights_only=True)["tokenforge"]
+    assert meta["kind"] == "prior" and meta["target"] == "stage2.maskgit.MaskGITPrior"
+    loaded = load_prior(path)
+    assert isinstance(loaded, MaskGITPrior) and not loaded.training
+    assert loaded.num_classes == 3 and loaded.code_spec == SPEC and loaded.tokenizer_path == "none.ckpt"
+    model = trainer.lightning_module.eval()
+    batch = {"codes": torch.randint(0, 12, (4, 3, 3)), "label": torch.tensor([0, 1, 2, 0])}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["codes"], batch["label"])[0],
+                                   model(batch["codes"], batch["label"])[0])
+    first = _sample(loaded, cond=2, n=4)
+    assert torch.equal(first, _sample(model, cond=2, n=4))
+    # the trained prior has learned the class patterns: greedy samples of class c follow (c+1)*i mod 12
+    greedy = loaded.sample(3, cond=torch.arange(3), temperature=0.0, steps=4)
+    pattern = (torch.arange(9)[None] * (torch.arange(3)[:, None] + 1)) % 12
+    assert (greedy.reshape(3, 9) == pattern).float().mean() > 0.6
