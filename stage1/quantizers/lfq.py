@@ -1,0 +1,173 @@
+"""Lookup-free quantization (LFQ, MAGVIT-v2: Yu et al. 2023, "Language Model Beats Diffusion").
+
+Each of ``bits`` channels is quantized independently to ``±codebook_scale`` by its sign; the code
+is the integer whose bit ``i`` is 1 where channel ``i`` is positive, so the implicit codebook
+has ``2**bits`` entries and no parameters. Training adds a commitment loss and MAGVIT-v2's
+entropy loss ``E_n[H(p_n)] - diversity_weight * H(E_n[p_n])`` where ``p_n`` is the soft
+assignment ``softmax_c(-||z_n - c||^2 / temperature)`` over all ``2**bits`` codes.
+
+The soft assignment factorises over bits. For ``c in {-s, +s}^D``,
+``||z - c||^2 = sum_d (z_d - c_d)^2`` is a sum of per-bit terms, so the softmax is a product of
+per-bit Bernoullis with ``P(bit_d = 1) = sigmoid(4 s z_d / temperature)``. Hence:
+
+* the per-sample entropy is *exactly* the sum of per-bit binary entropies (no ``N x 2^D`` table);
+* the batch-average distribution ``E_n[p_n]`` is a mixture of product distributions and does not
+  factorise. The factorised path uses the entropy of the product of its per-bit marginals,
+  ``sum_d H_b(E_n[P(bit_d = 1)])``. By subadditivity this is an *upper bound* on the true
+  ``H(E_n[p_n])``: it rewards every bit being used half the time, but not the bits being
+  independent (e.g. two always-equal bits still score 2 bits). That is the price of O(N D)
+  memory, which is what lets 18 bits train on 16k vectors.
+* ``exact_entropy=True`` (allowed for ``bits <= 12``) instead materialises the soft assignment
+  over all codes in chunks of rows and returns the true batch entropy; its per-sample term equals
+  the factorised one (the tests check this).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stage1.quantizers.base import Quantizer, QuantizerOutput, from_rows, to_rows, usage_stats
+
+EXACT_MAX_BITS = 12
+HISTOGRAM_MAX_BITS = 20
+
+
+def binary_entropy(p: Tensor, eps: float = 1e-6) -> Tensor:
+    """Elementwise entropy (nats) of Bernoulli(p); clamped so saturated probabilities give zero gradient, not NaN."""
+    p = p.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def binary_entropy_from_logits(x: Tensor) -> Tensor:
+    """Entropy of Bernoulli(sigmoid(x)) as ``p softplus(-x) + (1-p) softplus(x)``: finite gradients at any x."""
+    p = torch.sigmoid(x)
+    return p * F.softplus(-x) + (1 - p) * F.softplus(x)
+
+
+class LFQ(Quantizer):
+    """Sign quantizer with one bit per channel; projects ``dim -> bits`` (and back) when they differ."""
+
+    def __init__(
+        self,
+        bits: int,
+        dim: int | None = None,
+        codebook_scale: float = 1.0,
+        commitment_weight: float = 0.25,
+        entropy_weight: float = 0.1,
+        diversity_weight: float = 1.0,
+        temperature: float = 0.01,
+        exact_entropy: bool = False,
+        exact_chunk: int = 4096,
+    ) -> None:
+        super().__init__()
+        if bits < 1 or bits > 62:
+            raise ValueError(f"LFQ needs 1 <= bits <= 62 for int64 codes, got {bits}")
+        if exact_entropy and bits > EXACT_MAX_BITS:
+            raise ValueError(
+                f"exact_entropy materialises N x 2^bits probabilities and is limited to bits <= {EXACT_MAX_BITS}; "
+                f"got bits={bits}. Use the factorised default."
+            )
+        self.bits = int(bits)
+        self.dim = int(dim) if dim is not None else self.bits
+        self.codebook_size = 2**self.bits
+        self.codebook_scale = float(codebook_scale)
+        self.commitment_weight = float(commitment_weight)
+        self.entropy_weight = float(entropy_weight)
+        self.diversity_weight = float(diversity_weight)
+        self.temperature = float(temperature)
+        self.exact_entropy = bool(exact_entropy)
+        self.exact_chunk = int(exact_chunk)
+        self.register_buffer("_powers", 2 ** torch.arange(self.bits, dtype=torch.long), persistent=False)
+        needs_proj = self.dim != self.bits
+        self.project_in = nn.Linear(self.dim, self.bits) if needs_proj else nn.Identity()
+        self.project_out = nn.Linear(self.bits, self.dim) if needs_proj else nn.Identity()
+
+    # -- bits <-> integers ------------------------------------------------------------------
+    def bits_to_indices(self, positive: Tensor) -> Tensor:
+        """Boolean ``(..., bits)`` (True where the channel is positive) -> integers ``(...)``; bit i = channel i."""
+        return (positive.long() * self._powers).sum(dim=-1)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Integers ``(...)`` -> code vectors ``(..., bits)`` of ``±codebook_scale`` (float32)."""
+        positive = (indices.long().unsqueeze(-1) & self._powers) != 0
+        return torch.where(positive, self.codebook_scale, -self.codebook_scale).float()
+
+    # -- entropy terms ----------------------------------------------------------------------
+    def bit_logits(self, rows: Tensor) -> Tensor:
+        """Per-bit logit of ``P(bit = 1)`` under the soft assignment: ``4 s z / temperature``, shape ``(N, bits)``."""
+        return 4.0 * self.codebook_scale * rows / self.temperature
+
+    def factorised_entropies(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean per-sample entropy — exact, batch-code entropy — product-of-marginals upper bound), nats."""
+        logits = self.bit_logits(rows)
+        per_sample = binary_entropy_from_logits(logits).sum(dim=-1).mean()
+        batch = binary_entropy(torch.sigmoid(logits).mean(dim=0)).sum()
+        return per_sample, batch
+
+    def exact_entropies(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Same two terms from the full ``N x 2^bits`` soft assignment, built ``exact_chunk`` rows at a time."""
+        if self.bits > EXACT_MAX_BITS:
+            raise ValueError(f"exact entropies are limited to bits <= {EXACT_MAX_BITS}, got {self.bits}")
+        codes = self.indices_to_codes(torch.arange(self.codebook_size, device=rows.device))
+        code_sq = (codes**2).sum(dim=-1)
+        per_sample_sum = rows.new_zeros(())
+        avg = rows.new_zeros(self.codebook_size)
+        for chunk in rows.split(self.exact_chunk):
+            dist = (chunk**2).sum(-1, keepdim=True) - 2 * chunk @ codes.T + code_sq
+            logp = F.log_softmax(-dist / self.temperature, dim=-1)
+            prob = logp.exp()
+            per_sample_sum = per_sample_sum - (prob * logp).sum()
+            avg = avg + prob.sum(dim=0)
+        n = rows.shape[0]
+        avg = avg / n
+        # Clamp inside the log only: unused codes add 0 to the entropy and a finite gradient.
+        return per_sample_sum / n, -(avg * avg.clamp_min(1e-12).log()).sum()
+
+    def _usage(self, codes: Tensor) -> dict[str, Tensor]:
+        if self.bits <= HISTOGRAM_MAX_BITS:
+            return usage_stats(codes, self.codebook_size)
+        # A dense histogram of 2^bits bins would dwarf the batch: count only the codes that occur.
+        _, counts = torch.unique(codes.reshape(-1), return_counts=True)
+        probs = counts.float() / counts.sum()
+        entropy = -(probs * probs.log()).sum()
+        return {"perplexity": entropy.exp(), "usage": torch.tensor(counts.numel() / self.codebook_size)}
+
+    # -- contract ---------------------------------------------------------------------------
+    def _project(self, rows: Tensor) -> Tensor:
+        # Signs, distances and entropies in float32: bf16 logits at temperature 0.01 are too coarse.
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            return self.project_in(rows.float()) if self.dim != self.bits else rows.float()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        rows, grid = to_rows(z)
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            h = self._project(rows)
+            positive = h > 0
+            q = torch.where(positive, self.codebook_scale, -self.codebook_scale)
+            q_st = h + (q - h).detach()
+            loss = self.commitment_weight * F.mse_loss(h, q)
+            per_sample, batch = self.exact_entropies(h) if self.exact_entropy else self.factorised_entropies(h)
+            entropy_loss = per_sample - self.diversity_weight * batch
+            if self.training:
+                loss = loss + self.entropy_weight * entropy_loss
+        indices = self.bits_to_indices(positive)
+        z_q = from_rows(self.project_out(q_st) if self.dim != self.bits else q_st.to(rows.dtype), grid)
+        codes = indices.reshape(grid)
+        stats = self._usage(codes)
+        stats.update(
+            sample_entropy=per_sample.detach(),
+            batch_entropy=batch.detach(),
+            commitment=F.mse_loss(h.detach(), q),
+        )
+        return QuantizerOutput(z_q=z_q, codes=codes, loss=loss, stats=stats)
+
+    def encode(self, z: Tensor) -> Tensor:
+        rows, grid = to_rows(z)
+        return self.bits_to_indices(self._project(rows) > 0).reshape(grid)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        grid = tuple(codes.shape)
+        q = self.indices_to_codes(codes.reshape(-1))
+        return from_rows(self.project_out(q) if self.dim != self.bits else q, grid)
