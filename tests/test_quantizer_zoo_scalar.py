@@ -343,3 +343,19 @@ def test_grouped_splits_channels() -> None:
     assert {"usage_group0", "usage_group2", "perplexity_group1", "usage", "perplexity"} <= set(out.stats)
     with pytest.raises(ValueError, match="split"):
         GroupedQuantizer(10, groups=3, quantizer=FSQ_SPEC)
+
+
+def test_residual_vq_error_falls_with_depth() -> None:
+    """RQ-VAE proper: each level a k-means-initialised VectorQuantizer on the previous level's residual."""
+    spec = {"target": "stage1.quantizers.vq.VectorQuantizer", "params": {"codebook_size": 16, "kmeans_init": True}}
+    torch.manual_seed(0)
+    z = torch.randn(4, 6, 64)
+    rq = ResidualQuantizer(6, depth=4, quantizer=spec)
+    rq.train()
+    rq(z)  # first training batch: k-means initialises every level on its own residuals
+    rq.eval()
+    codes = rq.encode(z)
+    assert codes.shape == (4, 64, 4) and int(codes.max()) < 16
+    errors = [F.mse_loss(rq.decode(codes, levels=d), z).item() for d in (1, 2, 3, 4)]
+    assert all(b < 0.7 * a for a, b in zip(errors, errors[1:])), errors
+    torch.testing.assert_close(rq.decode(codes), rq(z).z_q)
