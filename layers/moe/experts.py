@@ -30,16 +30,25 @@ def _act_forward(h: Tensor, act: str) -> Tensor:
     return F.gelu(h)
 
 
-def _act_backward(grad_a: Tensor, h: Tensor, act: str) -> Tensor:
-    """d(loss)/d(h) from d(loss)/d(act(h)), computed over the whole buffer at once."""
+def _act_saving(h: Tensor, act: str) -> tuple[Tensor | None, Tensor]:
+    """(silu(gate) or None, act(h)): what the backward needs, as autograd would keep it."""
     if act == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        g_gate, g_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_a, F.silu(gate), out=g_up)
-        g_gate.copy_(torch.ops.aten.silu_backward(grad_a * up, gate))
-        return grad_h
-    return torch.ops.aten.gelu_backward(grad_a, h)
+        s = F.silu(gate)
+        return s, s * up
+    return None, F.gelu(h)
+
+
+def _act_grad(grad_a: Tensor, h: Tensor, s: Tensor | None, act: str) -> Tensor:
+    """d loss / d h, written straight into one buffer (no ``cat`` of the two SwiGLU halves)."""
+    if act != "swiglu":
+        return torch.ops.aten.gelu_backward(grad_a, h)
+    gate, up = h.chunk(2, dim=-1)
+    grad_h = torch.empty_like(h)
+    g_gate, g_up = grad_h.chunk(2, dim=-1)
+    torch.ops.aten.silu_backward.grad_input(grad_a * up, gate, grad_input=g_gate)
+    torch.mul(grad_a, s, out=g_up)
+    return grad_h
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -68,42 +77,74 @@ class GroupedFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], act: str, use_gmm: bool):
         segs = _segments(counts)
-        a_rows = x.shape[0]
-        if use_gmm:
-            offs = _offsets(counts, x.device)
-            h = torch._grouped_mm(x, w_in, offs=offs)
-            a = _act_forward(h, act)
-            y = torch._grouped_mm(a, w_out, offs=offs)
-        else:
-            h = _grouped_mm(x, w_in, segs, x.new_empty(a_rows, w_in.shape[-1]))
-            a = _act_forward(h, act)
-            y = _grouped_mm(a, w_out, segs, x.new_empty(a_rows, w_out.shape[-1]))
-        ctx.save_for_backward(x, w_in, w_out, h)
-        ctx.segs, ctx.act = segs, act
+        rows = x.shape[0]
+        offs = _offsets(counts, x.device) if use_gmm else None
+        h = torch._grouped_mm(x, w_in, offs=offs) if use_gmm else _grouped_mm(
+            x, w_in, segs, x.new_empty(rows, w_in.shape[-1]))
+        s, a = _act_saving(h, act)
+        y = torch._grouped_mm(a, w_out, offs=offs) if use_gmm else _grouped_mm(
+            a, w_out, segs, x.new_empty(rows, w_out.shape[-1]))
+        # Saved like autograd would for the dense FFN (h, silu(gate), a): no recomputation later.
+        ctx.save_for_backward(x, w_in, w_out, h, s, a)
+        ctx.segs, ctx.act, ctx.counts = segs, act, counts
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x, w_in, w_out, h = ctx.saved_tensors
+        x, w_in, w_out, h, s, a = ctx.saved_tensors
         segs, act = ctx.segs, ctx.act
         grad_y = grad_y.contiguous()
-        a = _act_forward(h, act)  # recomputed: cheaper than keeping a second (A, H) buffer alive
-        grad_w_out = torch.zeros_like(w_out) if ctx.needs_input_grad[2] else None
-        grad_w_in = torch.zeros_like(w_in) if ctx.needs_input_grad[1] else None
-        grad_a = a  # reuse the buffer: a[s:t] is read for grad_w_out before grad_a[s:t] overwrites it
-        for e, s, t in segs:
+        grad_w_out = _empty_grad(w_out, ctx.counts) if ctx.needs_input_grad[2] else None
+        grad_w_in = _empty_grad(w_in, ctx.counts) if ctx.needs_input_grad[1] else None
+        grad_a = torch.empty_like(a)
+        for e, lo, hi in segs:
             if grad_w_out is not None:
-                torch.mm(a[s:t].t(), grad_y[s:t], out=grad_w_out[e])
-            torch.mm(grad_y[s:t], w_out[e].t(), out=grad_a[s:t])
-        grad_h = _act_backward(grad_a, h, act)
-        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        for e, s, t in segs:
+                torch.mm(a[lo:hi].t(), grad_y[lo:hi], out=grad_w_out[e])
+            torch.mm(grad_y[lo:hi], w_out[e].t(), out=grad_a[lo:hi])
+        grad_h = _act_grad(grad_a, h, s, act)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        for e, lo, hi in segs:
             if grad_w_in is not None:
-                torch.mm(x[s:t].t(), grad_h[s:t], out=grad_w_in[e])
+                torch.mm(x[lo:hi].t(), grad_h[lo:hi], out=grad_w_in[e])
             if grad_x is not None:
-                torch.mm(grad_h[s:t], w_in[e].t(), out=grad_x[s:t])
+                torch.mm(grad_h[lo:hi], w_in[e].t(), out=grad_x[lo:hi])
         return grad_x, grad_w_in, grad_w_out, None, None, None
+
+
+class BatchedFFNFunction(torch.autograd.Function):
+    """y[e] = act(x[e] @ w_in[e]) @ w_out[e] for equal-size groups ``x`` (E, C, D), by ``bmm``.
+
+    One batched matmul lets MKL run whole per-expert GEMMs on separate threads, which on a small
+    (and shared) CPU is as efficient as one dense GEMM, unlike E separately parallelised calls.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, act: str):
+        h = torch.bmm(x, w_in)
+        s, a = _act_saving(h, act)
+        ctx.save_for_backward(x, w_in, w_out, h, s, a)
+        ctx.act = act
+        return torch.bmm(a, w_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, w_in, w_out, h, s, a = ctx.saved_tensors
+        grad_w_out = torch.bmm(a.transpose(1, 2), grad_y) if ctx.needs_input_grad[2] else None
+        grad_h = _act_grad(torch.bmm(grad_y, w_out.transpose(1, 2)), h, s, ctx.act)
+        grad_w_in = torch.bmm(x.transpose(1, 2), grad_h) if ctx.needs_input_grad[1] else None
+        grad_x = torch.bmm(grad_h, w_in.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w_in, grad_w_out, None
+
+
+def _empty_grad(w: Tensor, counts: list[int]) -> Tensor:
+    """Gradient buffer for stacked weights: every used expert's slot is overwritten by an mm."""
+    g = torch.empty_like(w)
+    for e, n in enumerate(counts):
+        if n == 0:
+            g[e].zero_()
+    return g
 
 
 class StackedExperts(nn.Module):
@@ -139,8 +180,8 @@ class StackedExperts(nn.Module):
         return _act_forward(x @ self.w_in[e], self.activation) @ self.w_out[e]
 
     def batched(self, x: Tensor) -> Tensor:
-        """All experts on equal-size groups: ``x`` (E, n, D) -> (E, n, D) with ``torch.bmm`` (Soft MoE)."""
-        return torch.bmm(_act_forward(torch.bmm(x, self.w_in), self.activation), self.w_out)
+        """All experts on equal-size groups: ``x`` (E, n, D) -> (E, n, D) with ``torch.bmm``."""
+        return BatchedFFNFunction.apply(x.contiguous(), self.w_in, self.w_out, self.activation)
 
     def extra_repr(self) -> str:
         return f"{self.num_experts} x ({self.dim} -> {self.hidden_dim} -> {self.dim}), {self.activation}"

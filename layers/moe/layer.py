@@ -33,6 +33,63 @@ from .routing import Routing
 DEFAULT_ROUTER = {"target": "layers.moe.TopKRouter", "params": {}}
 
 
+class _GatherRepeated(torch.autograd.Function):
+    """``x[src]`` where every token appears exactly k times in ``src`` (= order // k).
+
+    The backward un-permutes with a gather (``inv``) and sums the k copies, instead of the
+    scatter-add that ``index_select``'s autograd would use (markedly slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, src: Tensor, inv: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, src)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (inv,) = ctx.saved_tensors
+        g = grad.index_select(0, inv)
+        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _PaddedGather(torch.autograd.Function):
+    """``ext(x)[idx]`` with ``ext`` appending a zero row (index ``len(x)`` = padding); backward is
+    the gather ``ext(grad)[bwd_idx]`` summed over groups of ``k`` rows. Both directions are gathers
+    because the caller knows both index maps of the (padded) permutation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: Tensor, bwd_idx: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(bwd_idx)
+        ctx.k = k
+        return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (bwd_idx,) = ctx.saved_tensors
+        g = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])]).index_select(0, bwd_idx)
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Row permutation ``x[perm]`` whose backward is the gather ``grad[inv]`` (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
 def build_router(spec: Mapping[str, Any] | None, dim: int, num_experts: int, top_k: int,
                  where: str = "moe.router") -> Router:
     """Instantiate a router spec, filling ``dim``/``num_experts``/``top_k`` where it takes them."""
@@ -83,7 +140,8 @@ class MoE(nn.Module):
     def __init__(self, dim: int, num_experts: int = 8, top_k: int = 2, hidden_dim: int | None = None,
                  router: Mapping[str, Any] | None = None, activation: str = "swiglu",
                  capacity_factor: float | None = None, drop_policy: str = "position", num_shared: int = 0,
-                 shared_hidden_dim: int | None = None, grouped_mm: bool = False) -> None:
+                 shared_hidden_dim: int | None = None, grouped_mm: bool = False,
+                 max_padding: float | None = 0.15) -> None:
         super().__init__()
         if drop_policy not in ("position", "gate"):
             raise ValueError(f"drop_policy must be 'position' or 'gate', got {drop_policy!r}")
@@ -92,6 +150,7 @@ class MoE(nn.Module):
         hidden_dim = hidden_dim or 4 * dim
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.max_padding = max_padding
         self.router = build_router(router, dim, num_experts, top_k)
         self.experts = StackedExperts(dim, num_experts, hidden_dim, activation, grouped_mm)
         self.shared = (SharedExperts(dim, num_shared * (shared_hidden_dim or hidden_dim), activation)
@@ -131,6 +190,33 @@ class MoE(nn.Module):
             order, counts = order[keep], counts.clamp(max=capacity)
         return order, counts.tolist(), dropped
 
+    def _dispatch_fixed_k(self, xf: Tensor, r: Routing, k: int) -> Tensor:
+        """Dropless top-k: sort, gather, run experts, un-permute and mix the k outputs per token."""
+        n, d = xf.shape
+        a, e = r.expert_idx.numel(), self.num_experts
+        order = torch.argsort(r.expert_idx, stable=True)
+        counts_t = torch.bincount(r.expert_idx, minlength=e)
+        counts = counts_t.tolist()
+        cap = max(counts)
+        if self.max_padding is not None and e * cap <= (1.0 + self.max_padding) * a:
+            # Equal-size groups: pad every expert to the largest count and run one batched matmul.
+            arange = torch.arange(a, device=order.device)
+            e_sorted = r.expert_idx[order]
+            slot_sorted = e_sorted * cap + arange - (counts_t.cumsum(0) - counts_t)[e_sorted]
+            pos = torch.empty_like(order)
+            pos[order] = slot_sorted  # padded slot of each assignment (token-major order)
+            slot_assign = torch.full((e * cap,), a, dtype=order.dtype, device=order.device)
+            slot_assign[slot_sorted] = order  # assignment held by each slot; a = padding
+            slot_token = torch.where(slot_assign < a, slot_assign // k, n)  # n = the zero row
+            xs = _PaddedGather.apply(xf, slot_token, pos, k).view(e, cap, d)
+            ys = _PaddedGather.apply(self.experts.batched(xs).view(e * cap, d), pos, slot_assign, 1)
+        else:
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(a, device=order.device)
+            xs = _GatherRepeated.apply(xf, order // k, inv, k)
+            ys = _Permute.apply(self.experts(xs, counts), inv, order)
+        return (ys.view(n, k, d) * r.gate.view(n, k, 1).to(ys.dtype)).sum(1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         shape = x.shape
         if x.dim() == 2:  # a single sequence of tokens
@@ -143,7 +229,9 @@ class MoE(nn.Module):
         r = self.route(x)
         dropped = torch.zeros((), device=x.device)
         out = None
-        if r.expert_idx.numel() > 0:
+        if r.expert_idx.numel() > 0 and r.k_per_token is not None and self.capacity_factor is None:
+            out = self._dispatch_fixed_k(xf, r, r.k_per_token)
+        elif r.expert_idx.numel() > 0:
             order, counts, dropped = self._plan(r, n)
             tok, gate = r.token_idx[order], r.gate[order]
             ys = self.experts(xf.index_select(0, tok), counts) * gate.unsqueeze(-1).to(x.dtype)

@@ -89,7 +89,7 @@ class TopKRouter(Router):
         bal, zl = balance_loss(load, probs.mean(0)), z_loss(logits)
         loss = self.balance_weight * bal + self.z_loss_weight * zl
         return Routing(token_idx, expert_idx, gate, loss, load, entropy(probs),
-                       {"balance_loss": bal.detach(), "z_loss": zl.detach()})
+                       {"balance_loss": bal.detach(), "z_loss": zl.detach()}, k_per_token=self.top_k)
 
 
 class AuxFreeRouter(Router):
@@ -137,7 +137,8 @@ class AuxFreeRouter(Router):
             loss = self.seq_balance_weight * seq
             stats["seq_balance_loss"] = seq.detach()
         token_idx = torch.arange(scores.shape[0], device=x.device).repeat_interleave(self.top_k)
-        return Routing(token_idx, expert_idx, gates.reshape(-1), loss, load, entropy(norm_scores), stats)
+        return Routing(token_idx, expert_idx, gates.reshape(-1), loss, load, entropy(norm_scores), stats,
+                       k_per_token=self.top_k)
 
 
 class ExpertChoiceRouter(Router):

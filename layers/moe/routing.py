@@ -23,6 +23,9 @@ class Routing:
     scalar), ``stats`` holds extra values to log (detached). ``load`` is the fraction of
     assignments per choice, over every choice the router has (FFN experts and, for MoE++, the
     zero-computation ones). ``extra`` is output computed by the router itself, added as it is.
+    ``k_per_token`` = k when the assignments are exactly ``k`` per token in token-major order
+    (``token_idx == arange(N).repeat_interleave(k)``): the layer then gathers and combines by
+    permutation instead of scatter-add.
     """
 
     token_idx: Tensor
@@ -33,6 +36,7 @@ class Routing:
     entropy: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
     extra: Tensor | None = None
+    k_per_token: int | None = None
 
 
 def load_fraction(expert_idx: Tensor, num_choices: int) -> Tensor:
