@@ -8,8 +8,9 @@ drop nothing: second expert always used (threshold 0 / policy "all"), capacity =
 Our layer runs by default as one padded batched matmul when padding every expert to the largest
 count costs at most 15% extra rows (else a loop of per-expert ``torch.mm``); both are shown, plus
 ``torch._grouped_mm`` where the build has it. Then every router of ``layers.moe`` in the layer.
-Candidates run interleaved, round-robin, and the figures are medians (the 2 cores are shared); the ratio column is the median over rounds
-of (candidate time / dense time of the same round), robust to load drifting between rounds.
+Candidates run interleaved, round-robin, and the figures are medians (the 2 cores are shared);
+the ratio column is the median over rounds of (candidate time / dense time of the same round),
+robust to load drifting between rounds.
 
 Run: ``python bench/moe.py [--rounds 7]``. Install peers with
 ``pip install --no-deps st-moe-pytorch mixture-of-experts beartype colt5-attention local-attention
