@@ -125,7 +125,8 @@ def maskgit_decode(
 
     At step t every masked position gets a sampled token; its confidence is its log-probability
     plus Gumbel noise scaled by ``choice_temperature * (1 - (t + 1) / T)`` (MaskGIT anneals the
-    randomness of the choice linearly to 0). Tokens fixed at earlier steps get confidence +inf, so
+    randomness of the choice linearly to 0; with t counted from 1 this is ``1 - t / T``, and the last
+    step, which re-masks nothing, gets no noise). Tokens fixed at earlier steps get confidence +inf, so
     only newly predicted tokens can be re-masked: the ``remask_counts`` least confident of them.
     """
     if steps < 1:
