@@ -278,6 +278,18 @@ def test_residual_codes_flatten_over_depth(positions: str) -> None:
     assert _sample(model, steps=4).shape == (5, 2, 3, 2)
 
 
+def test_moe_ffn_slot_accepts_sequence_mixing_routers() -> None:
+    topk = {"target": "layers.moe.MoE", "params": {"num_experts": 4, "top_k": 2, "hidden_dim": 32}}
+    model = _prior(ffn=topk).train()
+    batch = {"codes": torch.randint(0, 12, (4, 3, 3)), "label": torch.tensor([0, 1, 2, 0])}
+    _, _, _, aux, _ = model._masked_loss(batch, train=True)
+    assert aux["aux_loss"] > 0 and any(k.startswith("layer0/") for k in aux)
+    # expert choice looks at the whole sequence: refused by the causal AR prior, fine here
+    ec = {"target": "layers.moe.MoE",
+          "params": {"num_experts": 4, "router": {"target": "layers.moe.ExpertChoiceRouter"}}}
+    assert _sample(_prior(ffn=ec), steps=3).shape == (5, 3, 3)
+
+
 # ---------------------------------------------------------------- training through the front door
 
 
