@@ -45,22 +45,44 @@ def nearest_code(
     assumed l2-normalised and the nearest code is the largest dot product. ``code_sq`` (``||E||^2``,
     shape ``(K,)``) may be passed when the caller already has it.
     """
-    n, k = rows.shape[0], codebook.shape[0]
-    chunk = chunk_rows or default_chunk_rows(k)
-    codes_t = codebook.t()  # (d, K) view: BLAS takes the transposed operand without a copy
-    if not cosine and code_sq is None:
+    if cosine:
+        return best_score(rows, codebook, chunk_rows=chunk_rows)
+    if code_sq is None:
         code_sq = codebook.pow(2).sum(1)
+    # argmin ||E||^2 - 2 z.E^T  ==  argmax 2 z.E^T - ||E||^2
+    return best_score(rows, codebook, bias=code_sq.neg(), alpha=2.0, chunk_rows=chunk_rows)
+
+
+@torch.no_grad()
+def best_score(
+    rows: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    alpha: float = 1.0,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """``argmax_k (bias_k + alpha * rows . weight_k)`` for every row, over bounded row chunks.
+
+    One ``addmm`` into a block reused by every chunk, then the argmax of that block: the ``N x K``
+    score matrix never exists at once. Serves nearest-code search (``bias = -||E||^2``,
+    ``alpha = 2``), cosine / dot-product lookup (no bias) and logit heads (``bias`` = layer bias).
+    """
+    n, k = rows.shape[0], weight.shape[0]
+    chunk = chunk_rows or default_chunk_rows(k)
+    weight_t = weight.t()  # (d, K) view: BLAS takes the transposed operand without a copy
     idx = torch.empty(n, dtype=torch.long, device=rows.device)
-    block = torch.empty(min(chunk, n), k, dtype=rows.dtype, device=rows.device)  # reused by every chunk
+    block = torch.empty(min(chunk, n), k, dtype=rows.dtype, device=rows.device)
     for start in range(0, n, chunk):
         part = rows[start : start + chunk]
-        dist_block = block[: part.shape[0]]
-        if cosine:
-            torch.mm(part, codes_t, out=dist_block)
-            torch.argmax(dist_block, dim=1, out=idx[start : start + chunk])
+        scores = block[: part.shape[0]]
+        if bias is None:
+            torch.mm(part, weight_t, out=scores)
+            if alpha != 1.0:
+                scores.mul_(alpha)
         else:
-            torch.addmm(code_sq, part, codes_t, alpha=-2.0, out=dist_block)
-            torch.argmin(dist_block, dim=1, out=idx[start : start + chunk])
+            torch.addmm(bias, part, weight_t, alpha=alpha, out=scores)
+        torch.argmax(scores, dim=1, out=idx[start : start + chunk])
     return idx
 
 

@@ -77,6 +77,9 @@ class VectorQuantizer(Quantizer):
         self.lookup_dim = codebook_dim or dim
         self.cosine = distance == "cosine"
         self.beta = beta
+        # Loss weights: commitment ||z - sg(e)||^2 and (gradient codebook) ||sg(z) - e||^2.
+        self.commit_weight = beta
+        self.codebook_weight = 1.0
         self.use_ema = codebook == "ema"
         self.decay = decay
         self.eps = eps
@@ -119,9 +122,15 @@ class VectorQuantizer(Quantizer):
     @property
     def codebook(self) -> Tensor:
         """The codes actually looked up, ``(K, codebook_dim or dim)`` fp32 (l2-normalised for cosine)."""
-        return self._lookup_codes().detach()
+        return self._codes_fp32().detach()
+
+    def _codes_fp32(self) -> Tensor:
+        """The lookup codebook computed in fp32 even under autocast (it feeds the distances)."""
+        with torch.autocast(self.embed.device.type, enabled=False):
+            return self._lookup_codes().float()
 
     def _lookup_codes(self) -> Tensor:
+        """Hook: the codebook as looked up (SimVQ / OptVQ put a linear layer here)."""
         codes = self.embed.float()
         return F.normalize(codes, dim=1) if self.cosine else codes
 
@@ -145,33 +154,43 @@ class VectorQuantizer(Quantizer):
         rows, grid = self._rows_in(z)
         if self.training and not bool(self.initialized):
             self._init_from_kmeans(rows.detach())
-        codes_fp = self._lookup_codes()
+        codes_fp = self._codes_fp32()  # differentiable when the codebook learns by gradient
         with torch.autocast(rows.device.type, enabled=False):
-            idx = self._nearest(rows, codes_fp)
+            idx = self._assign(rows.detach(), codes_fp.detach())
             rotate = self.rotation_trick and rows.requires_grad
             q = lookup_with_estimator(rows, codes_fp, idx, rotate=rotate)
             commit = F.mse_loss(rows, q.detach())
-            loss = self.beta * commit
+            loss = self.commit_weight * commit
             if not self.use_ema:
-                loss = loss + F.mse_loss(codes_fp.index_select(0, idx), rows.detach())
+                loss = loss + self.codebook_weight * F.mse_loss(codes_fp.index_select(0, idx), rows.detach())
             stats = usage_stats(idx, self.codebook_size)
             if self.entropy_weight > 0 and self.training:
                 per_sample, batch = soft_entropy_terms(self._soft_logits(rows, codes_fp))
                 loss = loss + self.entropy_weight * (per_sample - batch)
                 stats["entropy_per_sample"] = per_sample.detach()
                 stats["entropy_batch"] = batch.detach()
+            loss = loss + self._extra_loss(rows, codes_fp, idx, stats)
             if self.training:
                 self._update_stats(rows.detach(), idx)
         stats["commit_loss"] = commit.detach()
         return QuantizerOutput(self._rows_out(q, grid, z.dtype), idx.view(grid), loss, stats)
 
+    # Hooks for the codebook-learning variants built on this class (CVQ, SimVQ, OptVQ).
+    def _assign(self, rows: Tensor, codes: Tensor) -> Tensor:
+        """Code index per row (both detached, fp32): nearest code."""
+        return self._nearest(rows, codes)
+
+    def _extra_loss(self, rows: Tensor, codes: Tensor, idx: Tensor, stats: dict[str, Tensor]) -> Tensor:
+        """Method-specific loss term (zero here); may add entries to ``stats``."""
+        return rows.new_zeros(())
+
     def encode(self, z: Tensor) -> Tensor:
         rows, grid = self._rows_in(z)
-        return self._nearest(rows, self._lookup_codes()).view(grid)
+        return self._nearest(rows, self._codes_fp32()).view(grid)
 
     def decode(self, codes: Tensor) -> Tensor:
         grid = tuple(codes.shape)
-        rows = self._lookup_codes().index_select(0, codes.reshape(-1).long())
+        rows = self._codes_fp32().index_select(0, codes.reshape(-1).long())
         out = self.proj_out(rows)
         return from_rows(out, grid)
 
