@@ -40,10 +40,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         offset = cache.length if cache is not None else 0
         if rotary is not None:
-            q, k = rotary(q, k, offset)
+            q, k = rotary.rotate(qkv[:2], offset).unbind(0)  # each (B, heads, T, head_dim)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         drop = self.dropout if self.training else 0.0
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)

@@ -76,14 +76,20 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Rotate ``q`` and ``k`` ``(B, heads, T, head_dim)`` as positions ``offset .. offset+T-1``."""
-        t = q.shape[-2]
+    def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``x`` ``(..., T, head_dim)`` as positions ``offset .. offset+T-1``.
+
+        Attention passes queries and keys stacked in one tensor, so a decoding step pays for one
+        rotation instead of two.
+        """
+        t = x.shape[-2]
         if offset + t > self.max_len:
             raise ValueError(f"position {offset + t - 1} is beyond the rotary table (max_len={self.max_len})")
-        cos = self.cos[offset : offset + t].to(q.dtype)
-        sin = self.sin[offset : offset + t].to(q.dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(x, self.cos[offset : offset + t].to(x.dtype), self.sin[offset : offset + t].to(x.dtype))
+
+    def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """Rotate ``q`` and ``k`` ``(B, heads, T, head_dim)`` as positions ``offset .. offset+T-1``."""
+        return self.rotate(q, offset), self.rotate(k, offset)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
