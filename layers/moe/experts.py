@@ -172,8 +172,16 @@ class StackedExperts(nn.Module):
         """Run expert e on rows ``[sum(counts[:e]), sum(counts[:e+1]))`` of ``x_sorted`` (A, D)."""
         if x_sorted.shape[0] == 0:
             return x_sorted.new_zeros(0, self.dim) + 0 * (self.w_in.sum() + self.w_out.sum())
-        return GroupedFFNFunction.apply(x_sorted.contiguous(), self.w_in, self.w_out, counts,
-                                        self.activation, self.use_grouped_mm)
+        x, w_in, w_out, dev = self._operands(x_sorted)
+        with torch.autocast(dev, enabled=False):
+            return GroupedFFNFunction.apply(x, w_in, w_out, counts, self.activation, self.use_grouped_mm)
+
+    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, str]:
+        """Inputs and weights in one dtype: autocast's when it is on (the hand-written functions
+        run with autocast off, so their ``out=`` buffers match), else the weights' dtype."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.w_in.dtype
+        return x.to(dt).contiguous(), self.w_in.to(dt), self.w_out.to(dt), dev
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` applied to rows of ``x`` with plain autograd ops (the reference path)."""
@@ -181,7 +189,9 @@ class StackedExperts(nn.Module):
 
     def batched(self, x: Tensor) -> Tensor:
         """All experts on equal-size groups: ``x`` (E, n, D) -> (E, n, D) with ``torch.bmm``."""
-        return BatchedFFNFunction.apply(x.contiguous(), self.w_in, self.w_out, self.activation)
+        x, w_in, w_out, dev = self._operands(x)
+        with torch.autocast(dev, enabled=False):
+            return BatchedFFNFunction.apply(x, w_in, w_out, self.activation)
 
     def extra_repr(self) -> str:
         return f"{self.num_experts} x ({self.dim} -> {self.hidden_dim} -> {self.dim}), {self.activation}"

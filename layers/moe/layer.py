@@ -209,13 +209,13 @@ class MoE(nn.Module):
             slot_assign[slot_sorted] = order  # assignment held by each slot; a = padding
             slot_token = torch.where(slot_assign < a, slot_assign // k, n)  # n = the zero row
             xs = _PaddedGather.apply(xf, slot_token, pos, k).view(e, cap, d)
-            ys = _PaddedGather.apply(self.experts.batched(xs).view(e * cap, d), pos, slot_assign, 1)
+            ys = _PaddedGather.apply(self.experts.batched(xs).view(e * cap, d).to(xf.dtype), pos, slot_assign, 1)
         else:
             inv = torch.empty_like(order)
             inv[order] = torch.arange(a, device=order.device)
             xs = _GatherRepeated.apply(xf, order // k, inv, k)
-            ys = _Permute.apply(self.experts(xs, counts), inv, order)
-        return (ys.view(n, k, d) * r.gate.view(n, k, 1).to(ys.dtype)).sum(1)
+            ys = _Permute.apply(self.experts(xs, counts).to(xf.dtype), inv, order)
+        return (ys.view(n, k, d) * r.gate.view(n, k, 1).to(xf.dtype)).sum(1).to(xf.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         shape = x.shape
@@ -234,7 +234,7 @@ class MoE(nn.Module):
         elif r.expert_idx.numel() > 0:
             order, counts, dropped = self._plan(r, n)
             tok, gate = r.token_idx[order], r.gate[order]
-            ys = self.experts(xf.index_select(0, tok), counts) * gate.unsqueeze(-1).to(x.dtype)
+            ys = self.experts(xf.index_select(0, tok), counts).to(x.dtype) * gate.unsqueeze(-1).to(x.dtype)
             out = xf.new_zeros(n, d).index_add(0, tok, ys)
         elif r.extra is None:  # nothing routed (e.g. ReLU gates all zero): keep experts in the graph
             out = xf.new_zeros(n, d) + 0 * sum(p.sum() for p in self.experts.parameters())

@@ -46,7 +46,7 @@ class SoftMoERouter(Router):
         dispatch, combine = self.weights(x)
         slots = torch.einsum("btn,btd->bnd", dispatch.to(x.dtype), x)  # (B, E*S, D)
         slots = slots.view(b, e, s, d).transpose(0, 1).reshape(e, b * s, d)
-        out = experts.batched(slots).view(e, b, s, d).transpose(0, 1).reshape(b, e * s, d)
+        out = experts.batched(slots).to(x.dtype).view(e, b, s, d).transpose(0, 1).reshape(b, e * s, d)
         y = torch.einsum("btn,bnd->btd", combine.to(x.dtype), out)
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         load = torch.full((e,), 1.0 / e, device=x.device)
