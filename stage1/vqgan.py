@@ -135,17 +135,17 @@ class VQGAN(QuantizedAutoencoder):
             # The raw optimiser's step: Lightning would count it as a second global step, and then
             # trainer.max_steps and disc_start would silently mean half as many batches.
             opt_d.optimizer.step()
+            sched_d.step()
             self.untoggle_optimizer(opt_d)
             self.log("train/logits_real", logits_real.mean().detach())
             self.log("train/logits_fake", logits_fake.mean().detach())
-        sched_d.step()
 
         self.log("train/rec_loss", rec.detach(), prog_bar=True)
         self.log("train/p_loss", p_loss.detach())
         self.log("train/q_loss", q.loss.detach().float())
         self.log("train/g_loss", g_loss.detach())
         self.log("train/d_weight", d_weight.detach())
-        self.log("train/d_loss", d_loss.detach(), prog_bar=disc_on)
+        self.log("train/d_loss", d_loss.detach(), prog_bar=True)
         self.log_quantizer_stats("train", q, aux)
 
     def configure_optimizers(self) -> Any:

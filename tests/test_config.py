@@ -58,7 +58,7 @@ def test_missing_config_file_and_missing_value(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     cfg = tmp_path / "m.yaml"
-    cfg.write_text("model: {target: torch.nn.Linear, params: {in_features: ???, out_features: 2}}\n"
+    cfg.write_text("model:\n  target: torch.nn.Linear\n  params:\n    in_features: ???\n    out_features: 2\n"
                    "data: {target: torch.nn.Identity}\n")
     with pytest.raises(ConfigError, match="in_features"):
         load_config(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -50,7 +51,7 @@ class _InterruptAt(pl.Callback):
 class _RecordStart(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
-        self.opt_state = trainer.optimizers[0].state_dict()
+        self.opt_state = copy.deepcopy(trainer.optimizers[0].state_dict())  # Adam updates in place
 
 
 def test_interrupted_run_resumes_at_same_step_with_same_optimizer_state(run_root, monkeypatch):
@@ -58,20 +59,24 @@ def test_interrupted_run_resumes_at_same_step_with_same_optimizer_state(run_root
     original = train_mod.build_trainer
     monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [_InterruptAt(7)]))
     trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
-    assert trainer.interrupted or trainer.global_step == 7
+    stopped_at = trainer.global_step
+    assert 7 <= stopped_at < 20, "the run should stop right after the signal, well before max_steps"
     last = run_root / "vqvae" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 7
+    assert saved["global_step"] == stopped_at
 
     recorder = _RecordStart()
     monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [recorder]))
     trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
-    assert recorder.step == 7
+    assert recorder.step == stopped_at
     restored = recorder.opt_state["state"]
     for pid, state in saved["optimizer_states"][0]["state"].items():
         for k, v in state.items():
             assert torch.equal(restored[pid][k].cpu(), v), f"optimizer state {pid}.{k} differs after resume"
     assert trainer.global_step == 20
+    run = run_root / "vqvae"
+    assert (run / "logs" / "csv" / "metrics.csv").is_file(), "the first segment's log must survive the resume"
+    assert (run / "logs" / "csv-resume1" / "metrics.csv").is_file()
 
 
 def test_fresh_moves_the_old_run_aside(run_root):

@@ -32,6 +32,22 @@ TOP_LEVEL_KEYS = {
 }
 
 
+def _missing_path_message(cfg: DictConfig, path: str) -> str:
+    """Name the first segment of ``path`` that does not exist, with close matches among its siblings."""
+    node: Any = cfg
+    done: list[str] = []
+    for part in path.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+            close = difflib.get_close_matches(part, valid, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            where = ".".join(done) or "the top level"
+            return f"unknown key {part!r} under {where}.{hint} Valid keys: {', '.join(valid)}"
+        node = node[part]
+        done.append(part)
+    return f"{path!r} does not exist in the config"
+
+
 def _merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
@@ -40,7 +56,7 @@ def _merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if parent and node is None:
-            raise ConfigError(f"override {item!r}: {parent!r} does not exist in the config")
+            raise ConfigError(f"override {item!r}: {_missing_path_message(cfg, parent)}")
         # A new key is only allowed under a component's `params` or `trainer`, where the target's
         # signature validates it right after; anywhere else it is almost certainly a typo.
         if isinstance(node, DictConfig) and leaf not in node:

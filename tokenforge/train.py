@@ -63,7 +63,13 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
     ]
     for i, spec in enumerate(cfg.get("callbacks") or []):
         callbacks.append(instantiate(spec, where=f"callbacks[{i}]"))
-    loggers = [CSVLogger(run_dir, name="logs", version="csv"), TensorBoardLogger(run_dir, name="logs", version="tb")]
+    # Lightning's CSV logger deletes an existing metrics.csv, so a resumed run writes logs/csv-resumeN/.
+    csv_version, n = "csv", 0
+    while (run_dir / "logs" / csv_version / "metrics.csv").exists():
+        n += 1
+        csv_version = f"csv-resume{n}"
+    loggers = [CSVLogger(run_dir, name="logs", version=csv_version),
+               TensorBoardLogger(run_dir, name="logs", version="tb")]
     kwargs = dict(cfg.get("trainer") or {})
     kwargs.setdefault("log_every_n_steps", 10)
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, **kwargs)
