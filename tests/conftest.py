@@ -23,3 +23,40 @@ def run_root(tmp_path):
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """A small image folder (coloured shapes on varied backgrounds) in nested sub-folders."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("shapes")
+    rng = random.Random(0)
+    for i in range(24):
+        img = Image.new("RGB", (80, 72), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x0, y0 = rng.randrange(60), rng.randrange(50)
+            box = (x0, y0, x0 + rng.randrange(10, 30), y0 + rng.randrange(10, 30))
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        img.save(sub / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_and_codes(tmp_path_factory):
+    """A tiny VQ-VAE trained on fashion_mnist and its code folder (train 256 / val 64 items)."""
+    from helpers import CONFIGS, train
+    from tokenforge.tokenize import main as tokenize
+
+    root = tmp_path_factory.mktemp("e2e")
+    train(CONFIGS / "smoke" / "vqvae.yaml", root / "runs", ["trainer.max_steps=12"], name="tok")
+    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
+    codes = root / "codes"
+    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
+    return ckpt, codes
