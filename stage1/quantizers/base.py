@@ -46,7 +46,8 @@ class Quantizer(nn.Module):
 def to_rows(z: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``(B, C, *grid) -> (B*prod(grid), C)``; returns the grid shape ``(B, *grid)`` to undo it."""
     if z.dim() < 3:
-        raise ValueError(f"expected a channel-first latent (B, C, *grid) with at least one grid axis, got {tuple(z.shape)}")
+        raise ValueError(f"expected a channel-first latent (B, C, *grid) with at least one grid axis, "
+                         f"got {tuple(z.shape)}")
     b, c, *grid = z.shape
     rows = z.movedim(1, -1).reshape(-1, c)
     return rows, (b, *grid)
