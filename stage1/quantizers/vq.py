@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from stage1.quantizers._vq_ops import (
     all_reduce_sum_,
     broadcast_,
+    cluster_sums,
     default_chunk_rows,
     kmeans,
     lookup_with_estimator,
@@ -225,9 +226,10 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def _update_stats(self, rows: Tensor, idx: Tensor) -> None:
         """Running usage, EMA codebook update (if EMA), and dead-code restart (if enabled)."""
-        counts = torch.bincount(idx, minlength=self.codebook_size).to(rows.dtype)
+        counts_long = torch.bincount(idx, minlength=self.codebook_size)
+        counts = counts_long.to(rows.dtype)
         if self.use_ema:
-            sums = torch.zeros_like(self.embed_avg).index_add_(0, idx, rows)
+            sums = cluster_sums(rows, idx, counts_long)
             all_reduce_sum_(counts, sums)
             self.embed_avg.lerp_(sums, 1.0 - self.decay)
         else:

@@ -1,0 +1,167 @@
+"""Quantizer throughput against vector-quantize-pytorch, measured in one process.
+
+    python bench/quantizer.py [--quick]
+
+For each case: forward + backward of a training step (input requires grad; loss = quantizer loss +
+a downstream term on ``z_q``) on N = 16384 vectors, ours and the peer interleaved, a few warmup
+iterations, then the median of several repeats. Prints tokens/s of each and the ratio against the
+case's target. For the plain VQ cases it also prints the GFLOP/s (2 N K D) of our distance + argmin
+path as a fraction of a plain fp32 ``torch.mm`` of the same shapes, measured interleaved in the same
+run. Exits non-zero when the peer cannot be imported (``pip install --no-deps vector-quantize-pytorch
+einops einx frozendict loguru torch-einops-utils``, the ``bench`` extra) or a target is missed.
+
+A new case is one entry in ``CASES``: ``Case(name, ours_factory, peer_factory, target)`` where each
+factory takes ``(dim, codebook_size)`` and returns a module; ``ours`` are called on channel-first
+``(B, D, n)`` and return a ``QuantizerOutput``; ``peer`` modules are called on ``(B, n, D)`` and return
+``(quantized, indices, loss)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+torch.set_num_threads(2)
+
+from stage1.quantizers._vq_ops import nearest_code  # noqa: E402
+from stage1.quantizers.simvq import SimVQ  # noqa: E402
+from stage1.quantizers.vq import VectorQuantizer  # noqa: E402
+
+try:
+    import vector_quantize_pytorch as peer
+except Exception as err:  # noqa: BLE001 - any import failure means the baseline is unavailable
+    print(f"cannot import the peer vector-quantize-pytorch ({err!r}); install the 'bench' extra with "
+          "pip install --no-deps vector-quantize-pytorch einops einx frozendict loguru torch-einops-utils")
+    sys.exit(2)
+
+N_TOKENS = 16384
+BATCH = 16
+SIZES = [(64, 1024), (256, 8192)]
+DECAY, BETA = 0.99, 0.25
+
+
+@dataclass
+class Case:
+    name: str
+    ours: Callable[[int, int], torch.nn.Module]
+    peer: Callable[[int, int], torch.nn.Module]
+    target: float  # minimum ours/peer tokens-per-second ratio
+    distance_check: bool = False  # also time our distance path against torch.mm
+
+
+CASES = [
+    Case(
+        "vq_ema",
+        lambda d, k: VectorQuantizer(d, k, codebook="ema", decay=DECAY, beta=BETA),
+        lambda d, k: peer.VectorQuantize(d, k, decay=DECAY, commitment_weight=BETA, rotation_trick=False),
+        target=3.0,
+        distance_check=True,
+    ),
+    Case(
+        "vq_ema_rotation",
+        lambda d, k: VectorQuantizer(d, k, codebook="ema", decay=DECAY, beta=BETA, rotation_trick=True),
+        lambda d, k: peer.VectorQuantize(d, k, decay=DECAY, commitment_weight=BETA, rotation_trick=True),
+        target=1.5,
+    ),
+    Case(
+        # Peer defaults: codebook_transform Linear(d, d, bias=False), rotation trick on, commitment 1
+        # on the codes and 0.25 on the input; ours configured the same way.
+        "simvq",
+        lambda d, k: SimVQ(d, k, beta=BETA, rotation_trick=True),
+        lambda d, k: peer.SimVQ(d, k, rotation_trick=True),
+        target=1.5,
+    ),
+]
+
+
+def _ours_step(q: torch.nn.Module, z: torch.Tensor) -> None:
+    out = q(z)
+    (out.z_q.square().mean() + out.loss).backward()
+
+
+def _peer_step(q: torch.nn.Module, x: torch.Tensor) -> None:
+    quantized, _, loss = q(x)
+    (quantized.square().mean() + loss.sum()).backward()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so shared-CPU noise hits all."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_case(case: Case, dim: int, k: int, warmup: int, repeats: int) -> bool:
+    torch.manual_seed(0)
+    ours, theirs = case.ours(dim, k).train(), case.peer(dim, k).train()
+    grid = N_TOKENS // BATCH
+    z = torch.randn(BATCH, dim, grid, requires_grad=True)  # ours: channel-first
+    x = torch.randn(BATCH, grid, dim, requires_grad=True)  # peer: channel-last (its native layout)
+    med = _interleaved({"ours": lambda: _ours_step(ours, z), "peer": lambda: _peer_step(theirs, x)}, warmup, repeats)
+    ours_tps, peer_tps = N_TOKENS / med["ours"], N_TOKENS / med["peer"]
+    ratio = ours_tps / peer_tps
+    ok = ratio >= case.target
+    print(f"{case.name:16s} D={dim:4d} K={k:5d}  ours {ours_tps:10.0f} tok/s  peer {peer_tps:10.0f} tok/s  "
+          f"ratio {ratio:5.2f}x (target >= {case.target:.1f}x) {'ok' if ok else 'MISSED'}")
+    if case.distance_check:
+        ok = distance_rate(ours, dim, k, warmup, repeats) and ok
+    return ok
+
+
+def distance_rate(q: VectorQuantizer, dim: int, k: int, warmup: int, repeats: int, target: float = 0.6) -> bool:
+    """Our nearest-code path (addmm + argmin over chunks) against one plain fp32 ``torch.mm``."""
+    rows = torch.randn(N_TOKENS, dim)
+    codes = q.codebook.contiguous()
+    med = _interleaved(
+        {
+            "ours": lambda: nearest_code(rows, codes, chunk_rows=q.chunk_size),
+            "mm": lambda: torch.mm(rows, codes.t()),
+        },
+        warmup,
+        repeats,
+    )
+    flops = 2.0 * N_TOKENS * k * dim
+    ours_gf, mm_gf = flops / med["ours"] / 1e9, flops / med["mm"] / 1e9
+    frac = ours_gf / mm_gf
+    ok = frac >= target
+    print(f"{'  distance':16s} D={dim:4d} K={k:5d}  ours {ours_gf:8.1f} GFLOP/s  torch.mm {mm_gf:8.1f} GFLOP/s  "
+          f"fraction {frac:5.2f} (target >= {target:.2f}) {'ok' if ok else 'MISSED'}")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
+    args = parser.parse_args()
+    warmup, repeats = (1, 3) if args.quick else (2, 7)
+    print(f"torch {torch.__version__}, vector-quantize-pytorch {getattr(peer, '__version__', '?')}, "
+          f"{torch.get_num_threads()} threads, N={N_TOKENS}, median of {repeats} after {warmup} warmup")
+    ok = True
+    for case in CASES:
+        if args.cases and case.name not in args.cases:
+            continue
+        for dim, k in SIZES:
+            ok = run_case(case, dim, k, warmup, repeats) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
