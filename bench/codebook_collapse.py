@@ -173,8 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
     p.add_argument("--test-images", type=int, default=10000, help="test images evaluated (default: all 10k)")
     p.add_argument("--quick", action="store_true", help="1 seed, 25 steps, K=1024, 1k test images")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch intra-op threads (default 2); on a CPU shared with other jobs, 1 avoids OpenMP barrier stalls",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds, args.steps, args.sizes, args.test_images = 1, 25, [1024], 1000
 

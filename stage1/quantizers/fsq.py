@@ -19,9 +19,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1.quantizers.base import Quantizer, QuantizerOutput, from_rows, to_rows, usage_stats
+from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
 class FSQ(Quantizer):
@@ -58,53 +59,79 @@ class FSQ(Quantizer):
         self.project_in = nn.Linear(self.dim, self.codebook_dim) if needs_proj else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, self.dim) if needs_proj else nn.Identity()
 
-    # -- scalar maps ------------------------------------------------------------------------
-    def bound(self, z: Tensor) -> Tensor:
+    # -- scalar maps (``axis`` is the channel axis: -1 for rows, 1 for channel-first latents) ----
+    def _per_channel(self, buf: Tensor, x: Tensor, axis: int) -> Tensor:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return buf.view(shape)
+
+    def bound(self, z: Tensor, axis: int = -1) -> Tensor:
         """Squash each channel so that rounding yields exactly ``levels[i]`` integer values."""
-        return torch.tanh(z + self._shift) * self._half_l - self._offset
+        shift, half_l, offset = (self._per_channel(b, z, axis) for b in (self._shift, self._half_l, self._offset))
+        return torch.tanh(z + shift) * half_l - offset
 
-    def quantize(self, z: Tensor) -> Tensor:
-        """Bound, round with a straight-through gradient, normalise to ``[-1, 1]`` (rows ``(N, d)``)."""
-        bounded = self.bound(z)
+    def quantize(self, z: Tensor, axis: int = -1) -> Tensor:
+        """Bound, round with a straight-through gradient, normalise to ``[-1, 1]``."""
+        bounded = self.bound(z, axis)
         rounded = bounded + (torch.round(bounded) - bounded).detach()
-        return rounded / self._half_width
+        return rounded / self._per_channel(self._half_width, z, axis)
 
-    def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """Normalised grid values ``(..., d)`` -> mixed-radix integers ``(...)``."""
-        digits = torch.round(codes.float() * self._half_width + self._half_width).long()
-        return (digits * self._basis).sum(dim=-1)
+    def codes_to_indices(self, codes: Tensor, axis: int = -1) -> Tensor:
+        """Normalised grid values (``d`` channels on ``axis``) -> mixed-radix integers (``axis`` removed)."""
+        half_width = self._per_channel(self._half_width, codes, axis)
+        digits = torch.round(codes.float() * half_width + half_width).long()
+        return (digits * self._per_channel(self._basis, codes, axis)).sum(dim=axis)
 
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """Mixed-radix integers ``(...)`` -> normalised grid values ``(..., d)`` (float32)."""
+    def indices_to_codes(self, indices: Tensor, axis: int = -1) -> Tensor:
+        """Mixed-radix integers -> normalised grid values (float32) with the ``d`` channels inserted at ``axis``."""
+        idx = indices.long().unsqueeze(axis)
         levels = torch.tensor(self.levels, device=indices.device)
-        digits = (indices.long().unsqueeze(-1) // self._basis) % levels
-        return (digits.float() - self._half_width) / self._half_width
+        digits = (idx // self._per_channel(self._basis, idx, axis)) % self._per_channel(levels, idx, axis)
+        half_width = self._per_channel(self._half_width, idx, axis)
+        return (digits.float() - half_width) / half_width
 
     # -- contract -----------------------------------------------------------------------------
-    def _rows_to_grid_codes(self, rows: Tensor) -> Tensor:
+    # Latents stay channel-first, flattened to (B, C, L) (a view): the projections are 1x1 convs, so
+    # no channels-last copy of the latent is ever made (the copy cost more than the quantization).
+    def _grid_values(self, z: Tensor) -> Tensor:
         # Quantize in float32: tanh/round in bf16 would merge neighbouring levels.
-        with torch.autocast(device_type=rows.device.type, enabled=False):
-            return self.quantize(self.project_in(rows.float()))
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.quantize(pointwise(self.project_in, flat_channels(z).float()), axis=1)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        rows, grid = to_rows(z)
-        q = self._rows_to_grid_codes(rows)
-        indices = self.codes_to_indices(q.detach())
+        q = self._grid_values(z)
+        codes = self.codes_to_indices(q.detach(), axis=1).reshape(z.shape[0], *z.shape[2:])
         # Without a projection, hand back the input's dtype (e.g. bf16 under autocast).
-        z_q = from_rows(self.project_out(q) if self._projects else q.to(rows.dtype), grid)
-        codes = indices.reshape(grid)
+        z_q = pointwise(self.project_out, q) if self._projects else q.to(z.dtype)
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
-        return QuantizerOutput(z_q=z_q, codes=codes, loss=loss, stats=usage_stats(codes, self.codebook_size))
+        return QuantizerOutput(
+            z_q=z_q.reshape(z.shape), codes=codes, loss=loss, stats=usage_stats(codes, self.codebook_size)
+        )
 
     def encode(self, z: Tensor) -> Tensor:
-        rows, grid = to_rows(z)
-        return self.codes_to_indices(self._rows_to_grid_codes(rows)).reshape(grid)
+        return self.codes_to_indices(self._grid_values(z), axis=1).reshape(z.shape[0], *z.shape[2:])
 
     def decode(self, codes: Tensor) -> Tensor:
-        grid = tuple(codes.shape)
-        q = self.indices_to_codes(codes.reshape(-1))
-        return from_rows(self.project_out(q), grid)
+        q = self.indices_to_codes(codes.reshape(codes.shape[0], -1), axis=1)
+        z_q = pointwise(self.project_out, q)
+        return z_q.reshape(codes.shape[0], z_q.shape[1], *codes.shape[1:])
 
     @property
     def _projects(self) -> bool:
         return self.dim != self.codebook_dim
+
+
+def flat_channels(z: Tensor) -> Tensor:
+    """``(B, C, *grid) -> (B, C, L)``, a view for contiguous input."""
+    if z.dim() < 3:
+        raise ValueError(
+            f"expected a channel-first latent (B, C, *grid) with at least one grid axis, got {tuple(z.shape)}"
+        )
+    return z.flatten(2)
+
+
+def pointwise(layer: nn.Module, x: Tensor) -> Tensor:
+    """Apply a ``Linear`` (or ``Identity``) over the channel axis of ``(B, C, L)``: a 1x1 conv, no transpose."""
+    if isinstance(layer, nn.Identity):
+        return x
+    return F.conv1d(x, layer.weight.unsqueeze(-1), layer.bias)

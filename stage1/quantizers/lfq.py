@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1.quantizers.base import Quantizer, QuantizerOutput, from_rows, to_rows, usage_stats
+from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
+from stage1.quantizers.fsq import flat_channels, pointwise
 
 EXACT_MAX_BITS = 12
 HISTOGRAM_MAX_BITS = 20
@@ -99,12 +100,15 @@ class LFQ(Quantizer):
         """Per-bit logit of ``P(bit = 1)`` under the soft assignment: ``4 s z / temperature``, shape ``(N, bits)``."""
         return 4.0 * self.codebook_scale * rows / self.temperature
 
-    def factorised_entropies(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean per-sample entropy — exact, batch-code entropy — product-of-marginals upper bound), nats."""
-        logits = self.bit_logits(rows)
+    def factorised_entropies(self, rows: Tensor, axis: int = -1) -> tuple[Tensor, Tensor]:
+        """(mean per-sample entropy — exact, batch-code entropy — product-of-marginals upper bound), nats.
+
+        ``rows`` holds the ``bits`` channels on ``axis`` (``(N, bits)`` by default, or ``(B, bits, L)``).
+        """
+        logits = self.bit_logits(rows.movedim(axis, -1))
         per_sample = binary_entropy_from_logits(logits).sum(dim=-1).mean()
-        batch = binary_entropy(torch.sigmoid(logits).mean(dim=0)).sum()
-        return per_sample, batch
+        marginals = torch.sigmoid(logits).mean(dim=tuple(range(logits.dim() - 1)))
+        return per_sample, binary_entropy(marginals).sum()
 
     def exact_entropies(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Same two terms from the full ``N x 2^bits`` soft assignment, built ``exact_chunk`` rows at a time."""
@@ -135,39 +139,44 @@ class LFQ(Quantizer):
         return {"perplexity": entropy.exp(), "usage": torch.tensor(counts.numel() / self.codebook_size)}
 
     # -- contract ---------------------------------------------------------------------------
-    def _project(self, rows: Tensor) -> Tensor:
+    # Latents stay channel-first, flattened to (B, C, L) (a view): projections are 1x1 convs, so no
+    # channels-last copy of the latent is made.
+    def _project(self, z: Tensor) -> Tensor:
         # Signs, distances and entropies in float32: bf16 logits at temperature 0.01 are too coarse.
-        with torch.autocast(device_type=rows.device.type, enabled=False):
-            return self.project_in(rows.float()) if self.dim != self.bits else rows.float()
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return pointwise(self.project_in, flat_channels(z).float())
+
+    def _indices(self, positive: Tensor) -> Tensor:
+        return (positive.long() * self._powers.unsqueeze(-1)).sum(dim=1)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        rows, grid = to_rows(z)
-        with torch.autocast(device_type=rows.device.type, enabled=False):
-            h = self._project(rows)
+        code_shape = (z.shape[0], *z.shape[2:])
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            h = self._project(z)  # (B, bits, L) fp32
             positive = h > 0
             q = torch.where(positive, self.codebook_scale, -self.codebook_scale)
             q_st = h + (q - h).detach()
             loss = self.commitment_weight * F.mse_loss(h, q)
-            per_sample, batch = self.exact_entropies(h) if self.exact_entropy else self.factorised_entropies(h)
-            entropy_loss = per_sample - self.diversity_weight * batch
+            if self.exact_entropy:
+                per_sample, batch = self.exact_entropies(h.movedim(1, -1).reshape(-1, self.bits))
+            else:
+                per_sample, batch = self.factorised_entropies(h, axis=1)
             if self.training:
-                loss = loss + self.entropy_weight * entropy_loss
-        indices = self.bits_to_indices(positive)
-        z_q = from_rows(self.project_out(q_st) if self.dim != self.bits else q_st.to(rows.dtype), grid)
-        codes = indices.reshape(grid)
+                loss = loss + self.entropy_weight * (per_sample - self.diversity_weight * batch)
+        codes = self._indices(positive).reshape(code_shape)
+        z_q = pointwise(self.project_out, q_st) if self.dim != self.bits else q_st.to(z.dtype)
         stats = self._usage(codes)
         stats.update(
             sample_entropy=per_sample.detach(),
             batch_entropy=batch.detach(),
             commitment=F.mse_loss(h.detach(), q),
         )
-        return QuantizerOutput(z_q=z_q, codes=codes, loss=loss, stats=stats)
+        return QuantizerOutput(z_q=z_q.reshape(z.shape), codes=codes, loss=loss, stats=stats)
 
     def encode(self, z: Tensor) -> Tensor:
-        rows, grid = to_rows(z)
-        return self.bits_to_indices(self._project(rows) > 0).reshape(grid)
+        return self._indices(self._project(z) > 0).reshape(z.shape[0], *z.shape[2:])
 
     def decode(self, codes: Tensor) -> Tensor:
-        grid = tuple(codes.shape)
-        q = self.indices_to_codes(codes.reshape(-1))
-        return from_rows(self.project_out(q) if self.dim != self.bits else q, grid)
+        q = self.indices_to_codes(codes.reshape(codes.shape[0], -1)).movedim(-1, 1)  # (B, bits, L)
+        z_q = pointwise(self.project_out, q.contiguous())
+        return z_q.reshape(codes.shape[0], z_q.shape[1], *codes.shape[1:])
