@@ -20,10 +20,10 @@ def _needed_overrides(name: str, request) -> list[str]:
     raw = OmegaConf.load(CONFIGS / "smoke" / f"{name}.yaml")
     params = raw.data.get("params", {})
     overrides = []
-    if "codes" in params and OmegaConf.is_missing(params, "codes"):
+    if "codes" in params.keys() and OmegaConf.is_missing(params, "codes"):
         _, codes = request.getfixturevalue("tokenizer_and_codes")
         overrides.append(f"data.params.codes={codes}")
-    if "root" in params and OmegaConf.is_missing(params, "root"):
+    if "root" in params.keys() and OmegaConf.is_missing(params, "root"):
         overrides.append(f"data.params.root={request.getfixturevalue('shapes_folder')}")
     return overrides
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,10 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config value missing or unresolvable: {err}. Set it with an override, e.g. "
-                          f"{getattr(err, 'full_key', 'key')}=...") from err
+        missing = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(err))
+        key = missing.group(1) if missing else getattr(err, "full_key", "key")
+        raise ConfigError(f"config value {key!r} is missing or unresolvable ({str(err).splitlines()[0]}). "
+                          f"Set it on the command line, e.g. {key}=...") from err
     check_spec_tree(plain["model"], "model")
     check_spec_tree(plain["data"], "data")
     for i, cb in enumerate(plain.get("callbacks") or []):
