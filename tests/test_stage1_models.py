@@ -1,0 +1,97 @@
+"""VQGAN/VQ-VAE internals: offline LPIPS handling, GAN pieces, EMA weights, the tokenizer contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metrics.weights import MissingWeightsError
+from stage1.ema import ParameterEMA
+from stage1.losses.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from stage1.networks import Decoder, Encoder
+from stage1.vqgan import VQGAN
+from stage1.vqvae import VQVAE
+
+ENC = {"in_channels": 3, "z_channels": 8, "channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "groups": 4}
+VQ = {"target": "stage1.quantizers.vq.VectorQuantizer", "params": {"codebook_size": 16}}
+
+
+@pytest.fixture()
+def empty_hub(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield
+    torch.hub.set_dir(old)
+
+
+def test_vqgan_without_vgg_weights_warns_and_records_it(empty_hub):
+    model = VQGAN(encoder=ENC, quantizer=VQ, resolution=16, embed_dim=4, perceptual={"net": "vgg"})
+    with pytest.warns(UserWarning, match="vgg16-397923af.pth"):
+        model.setup("fit")
+    assert model.hparams.perceptual_active is False
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert model.perceptual_loss(x, x.flip(0)).item() == 0.0
+
+
+def test_vqgan_with_required_perceptual_refuses_to_start_without_weights(empty_hub):
+    model = VQGAN(encoder=ENC, quantizer=VQ, resolution=16, embed_dim=4,
+                  perceptual={"net": "vgg", "required": True})
+    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+        model.setup("fit")
+
+
+def test_vqgan_lpips_path_with_random_weights_gives_a_positive_distance():
+    model = VQGAN(encoder=ENC, quantizer=VQ, resolution=32, embed_dim=4,
+                  perceptual={"net": "alex", "random_weights": True})
+    model.setup("fit")
+    assert model.hparams.perceptual_active is True
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.perceptual_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert model.perceptual_loss(x, x.flip(0)).item() > 0
+    assert not any(k.startswith("_lpips") for k in model.state_dict()), "frozen LPIPS must not bloat checkpoints"
+
+
+def test_adaptive_weight_balances_gradient_norms():
+    last = torch.nn.Parameter(torch.randn(4, 4))
+    nll = (last * 3.0).sum()          # gradient norm 3 * 4 = 12
+    g = (last * 0.5).sum()            # gradient norm 0.5 * 4 = 2
+    assert adaptive_weight(nll, g, last).item() == pytest.approx(12 / (2 + 1e-4), rel=1e-4)
+
+
+def test_hinge_loss_is_zero_for_a_confident_discriminator():
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(1.0)
+    logits = PatchDiscriminator(3, 8, 2)(torch.randn(2, 3, 32, 32))
+    assert logits.shape[0] == 2 and logits.shape[1] == 1 and logits.shape[-1] > 1  # a map of patch logits
+
+
+def test_ema_swaps_in_averaged_weights_and_restores_trained_ones():
+    net = torch.nn.Linear(3, 3)
+    ema = ParameterEMA(net, decay=0.5)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    trained = net.weight.detach().clone()
+    with ema.swapped(net):
+        averaged = net.weight.detach().clone()
+    assert torch.equal(net.weight, trained)
+    assert not torch.equal(averaged, trained) and not torch.equal(averaged, before)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 32)), (2, (2, 3, 16, 16))])
+def test_encoder_decoder_invert_shapes_in_1d_and_2d(dims, shape):
+    enc = Encoder(**ENC, dims=dims)
+    kw = {k: v for k, v in ENC.items() if k != "in_channels"}
+    dec = Decoder(out_channels=3, dims=dims, **kw)
+    x = torch.randn(*shape)
+    z = enc(x)
+    assert z.shape[2:] == tuple(s // 2 for s in shape[2:])
+    assert dec(z).shape == x.shape
+
+
+def test_vqvae_code_spec_and_resolution_check():
+    model = VQVAE(encoder=ENC, quantizer=VQ, resolution=16, embed_dim=4)
+    assert model.code_spec == {"grid": [8, 8], "depth": None, "codebook_size": 16, "continuous_dim": None}
+    with pytest.raises(ValueError, match="divisible"):
+        VQVAE(encoder=ENC, quantizer=VQ, resolution=15, embed_dim=4)
