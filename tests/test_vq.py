@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1.quantizers._vq_ops import nearest_code
+from stage1.quantizers._vq_ops import codebook_loss, nearest_code
 from stage1.quantizers.base import to_rows
 from stage1.quantizers.vq import VectorQuantizer
 
@@ -253,3 +253,15 @@ def test_bf16_autocast(name: str) -> None:
     assert out.z_q.dtype == torch.bfloat16 and torch.isfinite(out.loss) and out.loss.dtype == torch.float32
     # Distances stay fp32, so only bf16 rounding of the input itself can change a code.
     assert (out.codes == ref_codes).float().mean() >= 0.8
+
+
+def test_codebook_loss_gradient_matches_gather_mse() -> None:
+    torch.manual_seed(0)
+    codes = torch.randn(10, 4, requires_grad=True)
+    rows, idx = torch.randn(50, 4), torch.randint(0, 10, (50,))
+    ref = F.mse_loss(codes[idx], rows)
+    (ref_grad,) = torch.autograd.grad(ref, codes)
+    fused = codebook_loss(codes, rows, idx, torch.bincount(idx, minlength=10), ref.detach())
+    (grad,) = torch.autograd.grad(3.0 * fused, codes)
+    torch.testing.assert_close(fused, ref.detach())
+    torch.testing.assert_close(grad, 3.0 * ref_grad)

@@ -83,9 +83,9 @@ class ClusteredVQ(VectorQuantizer):
         self.register_buffer("embed_prob", torch.zeros(codebook_size))
 
     @torch.no_grad()
-    def _update_stats(self, rows: Tensor, idx: Tensor) -> None:
-        super()._update_stats(rows, idx)
-        counts = torch.bincount(idx, minlength=self.codebook_size).float()
+    def _update_stats(self, rows: Tensor, idx: Tensor, counts_long: Tensor) -> None:
+        super()._update_stats(rows, idx, counts_long)
+        counts = counts_long.float()
         total = torch.tensor(float(idx.numel()), device=rows.device)
         all_reduce_sum_(counts, total)
         self.embed_prob.lerp_(counts / total, 1.0 - self.decay)

@@ -30,6 +30,7 @@ from stage1.quantizers._vq_ops import (
     all_reduce_sum_,
     broadcast_,
     cluster_sums,
+    codebook_loss,
     default_chunk_rows,
     kmeans,
     lookup_with_estimator,
@@ -162,8 +163,11 @@ class VectorQuantizer(Quantizer):
             q = lookup_with_estimator(rows, codes_fp, idx, rotate=rotate)
             commit = F.mse_loss(rows, q.detach())
             loss = self.commit_weight * commit
+            counts = torch.bincount(idx, minlength=self.codebook_size)
             if not self.use_ema:
-                loss = loss + self.codebook_weight * F.mse_loss(codes_fp.index_select(0, idx), rows.detach())
+                # Same value as the commitment term; its gradient goes to the codes (and whatever
+                # produces them: SimVQ's / OptVQ's linear layer, the cosine normalisation).
+                loss = loss + self.codebook_weight * codebook_loss(codes_fp, rows, idx, counts, commit)
             stats = usage_stats(idx, self.codebook_size)
             if self.entropy_weight > 0 and self.training:
                 per_sample, batch = soft_entropy_terms(self._soft_logits(rows, codes_fp))
@@ -172,7 +176,7 @@ class VectorQuantizer(Quantizer):
                 stats["entropy_batch"] = batch.detach()
             loss = loss + self._extra_loss(rows, codes_fp, idx, stats)
             if self.training:
-                self._update_stats(rows.detach(), idx)
+                self._update_stats(rows.detach(), idx, counts)
         stats["commit_loss"] = commit.detach()
         return QuantizerOutput(self._rows_out(q, grid, z.dtype), idx.view(grid), loss, stats)
 
@@ -224,9 +228,11 @@ class VectorQuantizer(Quantizer):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update_stats(self, rows: Tensor, idx: Tensor) -> None:
-        """Running usage, EMA codebook update (if EMA), and dead-code restart (if enabled)."""
-        counts_long = torch.bincount(idx, minlength=self.codebook_size)
+    def _update_stats(self, rows: Tensor, idx: Tensor, counts_long: Tensor) -> None:
+        """Running usage, EMA codebook update (if EMA), and dead-code restart (if enabled).
+
+        ``counts_long`` is ``bincount(idx, minlength=K)`` of this (local) batch.
+        """
         counts = counts_long.to(rows.dtype)
         if self.use_ema:
             sums = cluster_sums(rows, idx, counts_long)
