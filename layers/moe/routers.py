@@ -83,12 +83,18 @@ class TopKRouter(Router):
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)
-        probs = logits.softmax(-1)
+        # One log-softmax gives probabilities, the log-partition (z-loss) and the entropy: few
+        # small ops, which matters on a busy CPU where each parallel op pays a synchronisation.
+        logp = logits.log_softmax(-1)
+        probs = logp.exp()
         token_idx, expert_idx, gate = _topk_assignments(probs, self.top_k, self.renormalize)
         load = load_fraction(expert_idx, self.num_experts)
-        bal, zl = balance_loss(load, probs.mean(0)), z_loss(logits)
+        bal = balance_loss(load, probs.mean(0))
+        zl = (logits[:, 0] - logp[:, 0]).square().mean()  # logsumexp(logits)^2
         loss = self.balance_weight * bal + self.z_loss_weight * zl
-        return Routing(token_idx, expert_idx, gate, loss, load, entropy(probs),
+        with torch.no_grad():
+            ent = -(probs * logp).sum(-1).mean()
+        return Routing(token_idx, expert_idx, gate, loss, load, ent,
                        {"balance_loss": bal.detach(), "z_loss": zl.detach()}, k_per_token=self.top_k)
 
 
