@@ -115,3 +115,56 @@ def test_prior_samples_decode_to_images(prior, flags, tokenizer_and_codes, tmp_p
     assert (out / "grid.png").is_file()
     codes_out = np.load(out / "codes.npy")
     assert codes_out.min() >= 0 and codes_out.max() < load_tokenizer(ckpt).code_spec["codebook_size"]
+
+
+@pytest.fixture()
+def random_classifier(tmp_path):
+    from metrics.domain_classifier import DomainClassifier
+
+    torch.manual_seed(0)
+    path = tmp_path / "clf.pt"
+    DomainClassifier(in_channels=1, num_classes=10, image_size=28).save(path)
+    return path
+
+
+def test_evaluate_tokenizer_with_domain_fid_writes_every_field_and_the_report(tokenizer_and_codes, tmp_path,
+                                                                              random_classifier):
+    ckpt, _ = tokenizer_and_codes
+    res = evaluate([str(ckpt), "--classifier", str(random_classifier), "--fid", "domain", "--lpips", "none",
+                    "--out", str(tmp_path / "ev")])
+    for field in ("mse", "psnr", "ssim", "usage", "perplexity", "dead_codes", "rfid", "rfid_features",
+                  "rfid_num_real", "rfid_resolution"):
+        assert field in res, field
+    assert res["rfid"] >= 0 and res["rfid_num_real"] == res["rfid_num_fake"] == 64
+    assert res["rfid_features"].startswith("domain classifier") and "clf.pt" in res["rfid_features"]
+    assert res["rfid_resolution"] == [28, 28]
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "rfid" in report and "reconstructions.png" in report and "usage_histogram.png" in report
+    assert "not Inception" in report
+
+
+def test_evaluate_prior_reports_fid_precision_recall_and_classifier_accuracy(tokenizer_and_codes, tmp_path,
+                                                                            random_classifier):
+    _, codes = tokenizer_and_codes
+    train(CONFIGS / "smoke" / "ar.yaml", tmp_path, [f"data.params.codes={codes}", "trainer.max_steps=4",
+                                                     "trainer.val_check_interval=4"])
+    res = evaluate([str(tmp_path / "ar" / "checkpoints" / "last.ckpt"), "--classifier", str(random_classifier),
+                    "--num-samples", "20", "--top-k", "10", "--out", str(tmp_path / "ev")])
+    for field in ("fid", "fid_features", "precision", "recall", "classifier_accuracy", "sample_code_usage"):
+        assert field in res, field
+    assert res["fid_num_fake"] == 20 and res["class_balanced"] is True
+    assert 0.0 <= res["precision"] <= 1.0 and 0.0 <= res["recall"] <= 1.0 and 0 <= res["classifier_accuracy"] <= 1
+    assert (tmp_path / "ev" / "samples.png").is_file() and (tmp_path / "ev" / "report.md").is_file()
+
+
+def test_asking_for_inception_without_weights_is_the_documented_error(tokenizer_and_codes, tmp_path):
+    from metrics.weights import MissingWeightsError
+
+    ckpt, _ = tokenizer_and_codes
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "empty_hub"))
+    try:
+        with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
+            evaluate([str(ckpt), "--fid", "inception", "--out", str(tmp_path / "ev")])
+    finally:
+        torch.hub.set_dir(old)

@@ -1,8 +1,12 @@
-"""``python scripts/evaluate.py CHECKPOINT [--json out.json] [key=value ...]``.
+"""``python scripts/evaluate.py CHECKPOINT [--json out.json] [--fid auto|domain|inception|none] ...``.
 
-For a tokenizer: reconstruction MSE, PSNR, SSIM and codebook usage (fraction of codes used,
-perplexity, dead codes) over the whole validation split of the data it was trained on; prints a
-table, writes JSON with ``--json`` and saves the sorted usage histogram as a PNG.
+A tokenizer checkpoint: reconstruction MSE, PSNR, SSIM, LPIPS, rFID, and codebook usage (fraction
+used, perplexity, dead codes; per level for residual quantizers) over a whole split.
+A prior checkpoint: N generated samples (class-balanced when conditional) against the real split:
+FID, precision and recall on the same features, and the domain classifier's accuracy on the
+class-conditional samples.
+Both print a table, write JSON with ``--json``, and write ``report.md`` with plots into ``--out``.
+Every FID is labelled with its feature extractor, sample counts and resolution.
 """
 
 from __future__ import annotations
@@ -19,28 +23,48 @@ from omegaconf import OmegaConf
 
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
+from metrics.precision_recall import PrecisionRecall
 from metrics.reconstruction import ReconstructionMetrics
 from stage1.tokenizer import load_tokenizer, read_checkpoint
 from tokenforge.checkpoints import atomic_write_text
 from tokenforge.config import _merge_overrides, to_plain
-from tokenforge.images import save_usage_histogram
+from tokenforge.eval_features import FeatureChoice, choose_features, choose_lpips
+from tokenforge.images import save_grid, save_usage_histogram
+from tokenforge.report import write_report
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", help="a tokenforge checkpoint, e.g. runs/vqgan/checkpoints/last.ckpt")
-    p.add_argument("overrides", nargs="*", help="overrides of the stored config, e.g. data.params.root=/my/images")
+    p.add_argument("checkpoint", help="a tokenizer or prior checkpoint, e.g. runs/vqgan/checkpoints/last.ckpt")
+    p.add_argument("overrides", nargs="*", help="overrides of the stored data config, e.g. data.params.root=/my/images")
     p.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
-    p.add_argument("--out", help="folder for plots (default: <run>/eval next to the checkpoint folder)")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="which split to evaluate (default val)")
+    p.add_argument("--out", help="folder for report.md and plots (default: <run>/eval)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="real split to compare with (default val)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (quick checks)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N real examples (quick checks)")
+    p.add_argument("--fid", default="auto", choices=["auto", "domain", "inception", "none"],
+                   help="FID features: auto = Inception if its weights are present, else the domain classifier "
+                        "(--classifier or runs/domain/<dataset>.pt), else none")
+    p.add_argument("--classifier", help="domain classifier checkpoint (scripts/train_domain_classifier.py)")
+    p.add_argument("--inception-weights", help="path of weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--lpips", default="auto", choices=["auto", "vgg", "alex", "none"],
+                   help="LPIPS backbone; auto = vgg when its torchvision weights are cached, else skipped")
+    p.add_argument("--num-samples", type=int, default=1000, help="samples to generate for a prior (default 1000)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint for a prior (default: the one it records)")
+    p.add_argument("--cfg", type=float, default=None, help="prior sampling: guidance scale")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
+    p.add_argument("--choice-temperature", dest="choice_temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_intermixed_args(argv)
 
 
 def build_datamodule(ckpt: dict[str, Any], overrides: Sequence[str], batch_size: int) -> Any:
+    """The DataModule a tokenizer was trained on, from the config stored in its checkpoint."""
     config = (ckpt.get("tokenforge") or {}).get("config")
     if not config or "data" not in config:
         raise ValueError("the checkpoint stores no data config; pass a checkpoint written by scripts/train.py")
@@ -57,34 +81,106 @@ def build_datamodule(ckpt: dict[str, Any], overrides: Sequence[str], batch_size:
 def split_loader(dm: Any, split: str) -> Any:
     if split == "train":
         dm.setup("fit")
-        if hasattr(dm, "split_dataloader"):
-            return dm.split_dataloader("train")
-        return dm.train_dataloader()
+        return dm.split_dataloader("train") if hasattr(dm, "split_dataloader") else dm.train_dataloader()
     return dm.val_dataloader()
 
 
-@torch.no_grad()
-def evaluate_tokenizer(model: Any, loader: Any, device: str, limit: int | None = None) -> tuple[dict, torch.Tensor]:
-    spec = model.code_spec
-    usage = CodebookUsage(spec["codebook_size"], depth=spec.get("depth")).to(device)
-    recon = ReconstructionMetrics().to(device)
+def _limited(loader: Any, limit: int | None):
     seen = 0
     for batch in loader:
-        x = batch["x"].to(device)
+        x = batch["x"]
         if limit is not None:
             x = x[: max(0, limit - seen)]
             if len(x) == 0:
-                break
+                return
+        seen += len(x)
+        yield x, batch.get("label")
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: Any, loader: Any, device: str, limit: int | None = None,
+                       features: FeatureChoice | None = None, lpips: torch.nn.Module | None = None
+                       ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Reconstruction metrics, usage and rFID; returns (results, code counts, a recon grid tensor)."""
+    spec = model.code_spec
+    usage = CodebookUsage(spec["codebook_size"], depth=spec.get("depth")).to(device)
+    images = len(spec["grid"]) == 2
+    recon = ReconstructionMetrics(lpips_module=lpips).to(device) if images else None
+    fid = features.fid.to(device) if features is not None and features.fid is not None else None
+    seen, grid = 0, None
+    for x, _ in _limited(loader, limit):
+        x = x.to(device)
         codes = model.encode(x)
         xrec = model.decode(codes).clamp(-1, 1)
         usage.update(codes)
-        recon.update(xrec.float(), x.float())
+        if recon is not None:
+            recon.update(xrec.float(), x.float())
+        if fid is not None:
+            fid.update(x, real=True)
+            fid.update(xrec, real=False)
+        if grid is None:
+            grid = torch.cat([x[:8], xrec[:8]]).cpu()
         seen += len(x)
-    results: dict[str, Any] = {k: _num(v) for k, v in recon.compute().items()}
+    results: dict[str, Any] = {k: _num(v) for k, v in recon.compute().items()} if recon is not None else {}
     results |= {k: _num(v) for k, v in usage.compute().items()}
     results["codebook_size"] = spec["codebook_size"]
     results["num_examples"] = seen
-    return results, usage.counts().cpu()
+    if fid is not None:
+        r = fid.result()
+        results |= {"rfid": r.value, "rfid_features": r.feature_extractor, "rfid_num_real": r.num_real,
+                    "rfid_num_fake": r.num_fake, "rfid_resolution": list(r.resolution or [])}
+    return results, usage.counts().cpu(), grid
+
+
+@torch.no_grad()
+def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Namespace,
+                   features: FeatureChoice) -> tuple[dict[str, Any], torch.Tensor]:
+    """Generate samples and compare them with the real split; returns (results, a sample grid)."""
+    from tokenforge.sample import sampling_kwargs
+
+    device = args.device
+    kwargs = sampling_kwargs(prior, args)
+    n = args.num_samples
+    labels = torch.arange(n, device=device) % prior.num_classes if prior.num_classes else None
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    fid = features.fid.to(device) if features.fid is not None else None
+    pr = PrecisionRecall().to(device) if fid is not None else None
+    clf = features.classifier.to(device) if features.classifier is not None else None
+    correct, real_count, grid = 0, 0, None
+    for x, _ in _limited(loader, args.limit):
+        x = x.to(device)
+        real_count += len(x)
+        if fid is not None:
+            fid.update(x, real=True)
+            pr.update(features.features(x), real=True)
+    code_counts = CodebookUsage(prior.codebook_size, depth=prior.code_depth).to(device)
+    for start in range(0, n, args.batch_size):
+        m = min(args.batch_size, n - start)
+        cond = labels[start:start + m] if labels is not None else None
+        codes = prior.sample(m, cond=cond, generator=gen, **kwargs)
+        code_counts.update(codes)
+        fake = tokenizer.decode(codes.to(device)).clamp(-1, 1)
+        if fid is not None:
+            fid.update(fake, real=False)
+            pr.update(features.features(fake), real=False)
+        if clf is not None and cond is not None:
+            correct += int((clf(fake).argmax(1) == cond).sum())
+        if grid is None:
+            grid = fake[:64].cpu()
+    results: dict[str, Any] = {"num_samples": n, "num_real": real_count, "sampling": kwargs,
+                               "class_balanced": labels is not None}
+    usage = code_counts.compute()
+    results["sample_code_usage"] = _num(usage["usage"])
+    results["sample_code_perplexity"] = _num(usage["perplexity"])
+    if fid is not None:
+        r = fid.result()
+        results |= {"fid": r.value, "fid_features": r.feature_extractor, "fid_num_real": r.num_real,
+                    "fid_num_fake": r.num_fake, "fid_resolution": list(r.resolution or [])}
+        results |= {k: _num(v) for k, v in pr.compute().items()}
+    if clf is not None and labels is not None:
+        results["classifier_accuracy"] = correct / n
+        results["classifier"] = features.classifier.checkpoint_path
+    return results, grid
 
 
 def _num(v: Any) -> float | int:
@@ -108,17 +204,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     ckpt = read_checkpoint(args.checkpoint)
     kind = ckpt["tokenforge"]["kind"]
-    if kind != "tokenizer":
-        raise ValueError(f"{args.checkpoint} is a {kind!r} checkpoint; evaluate.py handles tokenizers here")
-    model = load_tokenizer(args.checkpoint, map_location=args.device)
-    dm = build_datamodule(ckpt, args.overrides, args.batch_size)
-    results, counts = evaluate_tokenizer(model, split_loader(dm, args.split), args.device, args.limit)
-    results = {"checkpoint": str(args.checkpoint), "split": args.split, **results}
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "eval"
-    hist = save_usage_histogram(counts, out_dir / "usage_histogram.png",
-                                title=f"{Path(args.checkpoint).name} ({args.split})")
-    results["usage_histogram"] = str(hist)
-    print(format_table({k: v for k, v in results.items() if k not in ("checkpoint",)}))
+    plots: dict[str, Path] = {}
+    if kind == "tokenizer":
+        tokenizer = load_tokenizer(args.checkpoint, map_location=args.device)
+        tok_ckpt = ckpt
+    elif kind == "prior":
+        from stage2.prior import load_prior
+
+        prior = load_prior(args.checkpoint, map_location=args.device)
+        tok_path = args.tokenizer or prior.tokenizer_path
+        if not tok_path or not Path(tok_path).is_file():
+            raise FileNotFoundError(f"the prior's tokenizer {tok_path!r} does not exist here; pass --tokenizer PATH")
+        tokenizer = load_tokenizer(tok_path, map_location=args.device)
+        tok_ckpt = read_checkpoint(tok_path, expected_kind="tokenizer")
+    else:
+        raise ValueError(f"{args.checkpoint} holds a {kind!r}; evaluate.py takes tokenizers and priors")
+    dm = build_datamodule(tok_ckpt, args.overrides, args.batch_size)
+    dataset = (tok_ckpt["tokenforge"]["config"]["data"].get("params") or {}).get("dataset")
+    features = choose_features(args.fid, args.classifier, dataset, args.inception_weights)
+    notes = [features.note]
+    loader = split_loader(dm, args.split)
+    if kind == "tokenizer":
+        lpips, lpips_note = choose_lpips(args.lpips)
+        notes.append(lpips_note)
+        results, counts, grid = evaluate_tokenizer(tokenizer, loader, args.device, args.limit, features, lpips)
+        plots["usage histogram (codes sorted by frequency)"] = save_usage_histogram(
+            counts, out_dir / "usage_histogram.png", title=f"{Path(args.checkpoint).name} ({args.split})")
+        if grid is not None and grid.dim() == 4:
+            plots["reconstructions (top: inputs, bottom: reconstructions)"] = save_grid(
+                grid, out_dir / "reconstructions.png", nrow=len(grid) // 2)
+    else:
+        results, grid = evaluate_prior(prior, tokenizer, loader, args, features)
+        if grid is not None and grid.dim() == 4:
+            plots["samples"] = save_grid(grid, out_dir / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
+    results = {"checkpoint": str(args.checkpoint), "kind": kind, "split": args.split, **results, "notes": notes}
+    results["plots"] = {k: str(v) for k, v in plots.items()}
+    report = write_report(out_dir / "report.md", results, plots)
+    print(format_table({k: v for k, v in results.items() if k not in ("checkpoint", "plots", "notes")}))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report: {report}")
     if args.json_path:
         atomic_write_text(args.json_path, json.dumps(results, indent=2, sort_keys=True))
         print(f"wrote {args.json_path}")
