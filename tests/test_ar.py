@@ -6,9 +6,7 @@ import json
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from layers.instantiate import ConfigError
 from stage1.tokenizer import CheckpointKindError
@@ -126,54 +124,6 @@ def test_residual_codes_flatten_depth_minor_and_cache_matches(positions):
     assert torch.equal(_sample(model, use_cache=False), a)
 
 
-class _Codes(torch.utils.data.Dataset):
-    """Two patterns per class: a deterministic sequence given the class, so the loss can fall fast."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        label = i % 3
-        codes = (torch.arange(9) * (label + 1) + (i // 3) % 2) % 12
-        return {"codes": codes.view(3, 3), "label": torch.tensor(label)}
-
-
-def _fit(model: ARPrior, steps: int, tmp_path) -> pl.Trainer:
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
-                         limit_val_batches=1, num_sanity_val_steps=0)
-    train = DataLoader(_Codes(96), batch_size=16, shuffle=True)
-    trainer.fit(model, train, DataLoader(_Codes(48), batch_size=48))
-    return trainer
-
-
-def test_training_reduces_loss_and_checkpoint_round_trips(tmp_path):
-    model = _prior(lr=3e-3, warmup_steps=2, max_steps=30).train()
-    batch = next(iter(DataLoader(_Codes(48), batch_size=48)))
-    with torch.no_grad():
-        before = model._nll(batch, drop_labels=False)[0].item()
-    trainer = _fit(model, 30, tmp_path)
-    after = trainer.callback_metrics["val/loss"].item()
-    assert before > math.log(12) - 0.2 and after < 0.5 * before
-    bits = trainer.callback_metrics["val/bits_per_token"]
-    torch.testing.assert_close(bits, torch.tensor(after / math.log(2)))
-    path = tmp_path / "ar.ckpt"
-    trainer.save_checkpoint(path)
-    assert torch.load(path, weights_only=True)["tokenforge"]["kind"] == "prior"
-    loaded = load_prior(path)
-    assert isinstance(loaded, ARPrior) and not loaded.training
-    model.eval()
-    with torch.no_grad():
-        expected, _ = model(batch["codes"], batch["label"])
-        torch.testing.assert_close(loaded(batch["codes"], batch["label"])[0], expected)
-    g = torch.Generator().manual_seed(0)
-    first = loaded.sample(4, cond=2, generator=g)
-    assert torch.equal(first, model.sample(4, cond=2, generator=g.manual_seed(0)))
-
-
 def test_load_prior_refuses_other_kinds(tmp_path):
     tok = tmp_path / "tok.ckpt"
     torch.save({"state_dict": {}, "tokenforge": {"kind": "tokenizer", "target": "stage1.vqvae.VQVAE"}}, tok)
@@ -233,7 +183,7 @@ def _write_code_folder(folder, n_train: int = 128, n_val: int = 32) -> None:
     writer.finalize()
 
 
-def test_smoke_config_trains_with_falling_loss(tmp_path):
+def test_smoke_config_trains_with_falling_loss_and_checkpoint_round_trips(tmp_path):
     import csv
 
     from tokenforge.train import main
@@ -242,12 +192,26 @@ def test_smoke_config_trains_with_falling_loss(tmp_path):
     _write_code_folder(codes)
     trainer = main(["configs/smoke/ar.yaml", f"data.params.codes={codes}", "trainer.max_steps=40",
                     "--runs", str(tmp_path / "runs")])
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "ar" / "logs" / "csv" / "metrics.csv")))
+    metrics = (tmp_path / "runs" / "ar" / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    rows = list(csv.DictReader(metrics))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(val) == 4 and val[-1] < val[0] - 0.1, val  # validated every 10 steps
     assert len(train) >= 4 and train[-1] < train[0] - 0.5, train
     assert val[-1] < math.log(12) - 1.0  # far below the uniform distribution over the codebook
-    model = load_prior(tmp_path / "runs" / "ar" / "checkpoints" / "last.ckpt")
-    assert model.num_classes == 3 and model.code_spec == SPEC and model.tokenizer_path == "none.ckpt"
+    bits = [float(r["val/bits_per_token"]) for r in rows if r.get("val/bits_per_token")]
+    assert bits == pytest.approx([v / math.log(2) for v in val])
     assert trainer.global_step == 40
+
+    path = tmp_path / "runs" / "ar" / "checkpoints" / "last.ckpt"
+    assert torch.load(path, weights_only=True)["tokenforge"]["kind"] == "prior"
+    loaded = load_prior(path)  # rebuilt from the checkpoint alone, not the code folder
+    assert isinstance(loaded, ARPrior) and not loaded.training
+    assert loaded.num_classes == 3 and loaded.code_spec == SPEC and loaded.tokenizer_path == "none.ckpt"
+    trained = trainer.lightning_module.eval()
+    codes_batch, labels = torch.randint(0, 12, (4, 3, 3)), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes_batch, labels)[0], trained(codes_batch, labels)[0])
+    g = torch.Generator().manual_seed(0)
+    first = loaded.sample(4, cond=2, generator=g)
+    assert torch.equal(first, trained.sample(4, cond=2, generator=g.manual_seed(0)))
