@@ -206,15 +206,26 @@ class _CodeLookup(torch.autograd.Function):
         if not ctx.rotate:
             return grad, None, None, None
         rows, q = ctx.saved_tensors
+        # Expanded per row with a = e_hat.g, b = q_hat.g, c = e_hat.q_hat, s = (a + b) / (1 + c):
+        #   lambda R^T g = lambda g + lambda (2b - s) e_hat - lambda s q_hat,
+        # so only five row dot products and one fused output pass, all through one scratch buffer.
         eps = 1e-12
-        e_norm = rows.norm(dim=1, keepdim=True).clamp_min(eps)
-        q_norm = q.norm(dim=1, keepdim=True).clamp_min(eps)
-        e_hat = rows / e_norm
-        q_hat = q / q_norm
-        r = e_hat + q_hat
-        r = r / r.norm(dim=1, keepdim=True).clamp_min(eps)
-        g = grad - 2.0 * r * (r * grad).sum(1, keepdim=True) + 2.0 * e_hat * (q_hat * grad).sum(1, keepdim=True)
-        return g * (q_norm / e_norm), None, None, None
+        buf = torch.empty_like(grad)
+
+        def rowdot(x: Tensor, y: Tensor) -> Tensor:
+            return torch.mul(x, y, out=buf).sum(1, keepdim=True)
+
+        e_norm = rowdot(rows, rows).sqrt_().clamp_min_(eps)
+        q_norm = rowdot(q, q).sqrt_().clamp_min_(eps)
+        a = rowdot(rows, grad) / e_norm
+        b = rowdot(q, grad) / q_norm
+        c = rowdot(rows, q) / (e_norm * q_norm)
+        s = (a + b) / (1.0 + c).clamp_min_(eps)
+        lam = q_norm / e_norm
+        out = torch.mul(grad, lam, out=buf)
+        out.addcmul_(rows, lam * (2.0 * b - s) / e_norm)
+        out.addcmul_(q, -lam * s / q_norm)
+        return out, None, None, None
 
 
 def lookup_with_estimator(rows: Tensor, codebook: Tensor, idx: Tensor, *, rotate: bool = False) -> Tensor:
