@@ -94,7 +94,7 @@ def test_training_reduces_quantization_error(name: str) -> None:
 
     start = error()
     q.train()
-    for _ in range(25):
+    for _ in range(20):
         out = q(z)
         opt.zero_grad()
         (out.loss + F.mse_loss(out.z_q, z)).backward()  # identity encoder/decoder around the quantizer

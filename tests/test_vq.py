@@ -232,7 +232,7 @@ def test_training_reduces_quantization_error(name: str) -> None:
         q.initialized.fill_(True)
     start = error()
     q.train()
-    for _ in range(30):
+    for _ in range(20):
         out = q(data)
         if opt is not None:
             opt.zero_grad()
