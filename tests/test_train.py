@@ -98,3 +98,12 @@ def test_two_process_ddp_counts_codes_of_both_ranks(tmp_path):
     _, counted = logged_series(tmp_path / "runs" / "vqvae", keys=["val/codes_counted"])
     # 64 validation images, 7x7 codes each, split over two ranks: both halves must be counted.
     assert counted[-1] == 64 * 49, counted
+
+
+def test_resuming_with_a_differently_shaped_model_names_the_fix(run_root):
+    from layers.instantiate import ConfigError
+
+    cfg = CONFIGS / "smoke" / "vqvae.yaml"
+    train(cfg, run_root, ["trainer.max_steps=2", "trainer.val_check_interval=2"])
+    with pytest.raises(ConfigError, match="--fresh"):
+        train(cfg, run_root, ["trainer.max_steps=4", "model.params.embed_dim=4"])

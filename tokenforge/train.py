@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from layers.instantiate import instantiate
+from layers.instantiate import ConfigError, instantiate
 from tokenforge.callbacks import RunMetadata, SaveOnInterrupt
 from tokenforge.checkpoints import atomic_write_text
 from tokenforge.config import load_config, to_plain
@@ -75,6 +75,21 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, **kwargs)
 
 
+def check_resumable(last: Path, model: pl.LightningModule) -> None:
+    """Refuse, with the fix, to resume a run whose checkpoint belongs to a differently shaped model."""
+    import torch
+
+    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    current = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(current[k].shape)} now"
+             for k, v in saved.items() if k in current and tuple(v.shape) != tuple(current[k].shape)]
+    missing = sorted(set(current) ^ set(saved))
+    if wrong or missing:
+        detail = wrong[0] if wrong else f"parameter {missing[0]!r} exists in only one of them"
+        raise ConfigError(f"{last} was trained with a different model config ({detail}); "
+                          "pass --fresh to start over (the old run is moved aside) or --name NEW for a separate run")
+
+
 def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     args = parse_args(argv)
     quiet_lightning()
@@ -100,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     if trainer.is_global_zero:
         atomic_write_text(saved, OmegaConf.to_yaml(OmegaConf.create(cfg)))
     if resume:
+        check_resumable(last, model)
         rank_zero_info(f"resuming from {last}")
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     if not trainer.interrupted:
