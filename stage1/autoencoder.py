@@ -127,9 +127,15 @@ class QuantizedAutoencoder(Tokenizer):
         return F.l1_loss(xrec, x) if self.hparams.rec_loss == "l1" else F.mse_loss(xrec, x)
 
     def log_quantizer_stats(self, prefix: str, q: QuantizerOutput, aux: dict[str, Tensor]) -> None:
+        on_step = prefix == "train"
         for key, value in {**q.stats, **aux}.items():
-            if torch.is_tensor(value) and value.numel() == 1:
-                self.log(f"{prefix}/{key}", value.float(), on_step=prefix == "train", on_epoch=prefix != "train")
+            if not torch.is_tensor(value):
+                continue
+            if value.numel() == 1:
+                self.log(f"{prefix}/{key}", value.float(), on_step=on_step, on_epoch=not on_step)
+            elif value.dim() == 1 and value.numel() <= 64:  # e.g. per-expert load of an MoE layer
+                for i, v in enumerate(value.detach().float()):
+                    self.log(f"{prefix}/{key}_{i}", v, on_step=on_step, on_epoch=not on_step)
 
     def check_finite(self, loss: Tensor, what: str) -> None:
         if not torch.isfinite(loss):

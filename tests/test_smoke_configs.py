@@ -37,6 +37,10 @@ def test_smoke_config_trains_with_falling_loss(name, run_root, request):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config.yaml").is_file()
     assert list((run / "logs" / "tb").glob("events.out.tfevents*")), "no TensorBoard log"
-    if (CONFIGS / "smoke" / f"{name}.yaml").read_text().count("ReconstructionGrid"):
+    text = (CONFIGS / "smoke" / f"{name}.yaml").read_text()
+    if "layers.moe" in text:  # MoE layers must report their per-expert load and balance
+        header = (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]
+        assert "load" in header and "balance_loss" in header, header
+    if "ReconstructionGrid" in text:
         assert list((run / "images").glob("recon_step*.png")), "no reconstruction grid was written"
         assert list((run / "images").glob("usage_step*.png")), "no usage histogram was written"
