@@ -54,7 +54,7 @@ class SaveOnInterrupt(pl.Callback):
         if trainer.world_size > 1:  # every rank must agree to stop, or DDP deadlocks
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         if flag.item() > 0:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
