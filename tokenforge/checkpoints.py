@@ -1,21 +1,5 @@
-"""Atomic file writes and checkpoint helpers used by the commands."""
+"""Atomic writes for the commands (one implementation, in ``data.atomic``)."""
 
-from __future__ import annotations
+from data.atomic import atomic_write, atomic_write_text
 
-import os
-import tempfile
-from pathlib import Path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["atomic_write", "atomic_write_text"]

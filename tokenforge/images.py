@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from data.atomic import atomic_write
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -24,7 +24,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2)
     arr = (grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    return _atomic_save(lambda f: Image.fromarray(arr).save(f, format="PNG"), path)
+    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 def save_usage_histogram(counts: Tensor, path: str | Path, title: str = "codebook usage") -> Path:
@@ -46,20 +46,6 @@ def save_usage_histogram(counts: Tensor, path: str | Path, title: str = "codeboo
     ax.set_title(f"{title}: {used:.1%} used, perplexity {perplexity:.1f} of {len(counts)}")
     fig.tight_layout()
     try:
-        return _atomic_save(lambda f: fig.savefig(f, format="png", dpi=100), path)
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-
-
-def _atomic_save(write, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
