@@ -38,6 +38,8 @@ class _DropTips(logging.Filter):
 def quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # VQGAN's manual optimisation: checkpoints hold the post-step state, which is what resuming needs.
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
