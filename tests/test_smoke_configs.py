@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from helpers import CONFIGS, assert_finite_and_falling, logged_series, train
@@ -44,3 +45,25 @@ def test_smoke_config_trains_with_falling_loss(name, run_root, request):
     if "ReconstructionGrid" in text:
         assert list((run / "images").glob("recon_step*.png")), "no reconstruction grid was written"
         assert list((run / "images").glob("usage_step*.png")), "no usage histogram was written"
+
+
+QUANTIZER_SWAPS = {
+    "fsq": "{target: stage1.quantizers.fsq.FSQ, params: {levels: [8, 5, 5]}}",
+    "lfq": "{target: stage1.quantizers.lfq.LFQ, params: {bits: 8}}",
+    "residual": "{target: stage1.quantizers.residual.ResidualQuantizer, params: {depth: 2, quantizer: "
+                "{target: stage1.quantizers.vq.VectorQuantizer, params: {codebook_size: 32}}}}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZER_SWAPS))
+def test_a_config_override_swaps_the_quantizer_without_code_changes(name, run_root):
+    from stage1 import load_tokenizer
+
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root,
+          [f"model.params.quantizer={QUANTIZER_SWAPS[name]}", "trainer.max_steps=6", "trainer.val_check_interval=6"],
+          name=name)
+    tok = load_tokenizer(run_root / name / "checkpoints" / "last.ckpt")
+    expected = {"fsq": (200, None), "lfq": (256, None), "residual": (32, 2)}[name]
+    assert (tok.code_spec["codebook_size"], tok.code_spec["depth"]) == expected
+    codes = tok.encode(torch.zeros(2, 1, 28, 28))
+    assert codes.shape == ((2, 7, 7) if expected[1] is None else (2, 7, 7, 2))
