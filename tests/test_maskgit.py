@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import SYNTHETIC_SPEC, write_synthetic_code_folder
 from stage2.maskgit import MaskGITPrior, mask_counts, maskgit_decode, random_mask, remask_counts
 from stage2.schedules import SCHEDULES, get_schedule, mask_ratio
 
@@ -143,7 +144,7 @@ def test_decode_refuses_logits_that_include_the_mask() -> None:
 
 # ---------------------------------------------------------------- the prior
 
-SPEC = {"grid": [3, 3], "depth": None, "codebook_size": 12, "continuous_dim": None}
+SPEC = SYNTHETIC_SPEC
 TINY = {"dim": 32, "depth": 2, "heads": 4}
 
 
@@ -293,22 +294,6 @@ def test_moe_ffn_slot_accepts_sequence_mixing_routers() -> None:
 # ---------------------------------------------------------------- training through the front door
 
 
-def _write_code_folder(folder, n_train: int = 128, n_val: int = 32) -> None:
-    """A tiny labelled code folder through the real writer: class-dependent patterns plus noise."""
-    from data.codes import CodeWriter
-
-    writer = CodeWriter(folder, SPEC, tokenizer_path="none.ckpt", tokenizer_sha256="0" * 64, shard_size=64)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        labels = torch.arange(n) % 3
-        codes = (torch.arange(9)[None] * (labels[:, None] + 1)) % 12
-        noise = torch.rand(n, 9, generator=g) < 0.1
-        codes = torch.where(noise, torch.randint(0, 12, (n, 9), generator=g), codes).view(n, 3, 3)
-        for i in range(0, n, 64):
-            writer.write_shard(split, i // 64, codes[i : i + 64], labels[i : i + 64])
-    writer.finalize()
-
-
 def test_smoke_config_trains_with_falling_loss_and_round_trips(tmp_path) -> None:
     import csv
 
@@ -316,7 +301,7 @@ def test_smoke_config_trains_with_falling_loss_and_round_trips(tmp_path) -> None
     from tokenforge.train import main
 
     codes = tmp_path / "codes"
-    _write_code_folder(codes)
+    write_synthetic_code_folder(codes)
     trainer = main(["configs/smoke/maskgit.yaml", f"data.params.codes={codes}", "trainer.max_steps=40",
                     "--runs", str(tmp_path / "runs")])
     assert trainer.global_step == 40
