@@ -11,7 +11,6 @@ with the key's path and the valid names rather than after an hour of training.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -142,7 +141,7 @@ def check_spec_tree(node: Any, where: str) -> None:
             params = node.get("params") or {}
             if not isinstance(params, Mapping):
                 raise ConfigError(f"{where}.params must be a mapping, got {type(params).__name__}")
-            check_params(fn if inspect.isclass(fn) else fn, params, f"{where}.params")
+            check_params(fn, params, f"{where}.params")
             for k, v in params.items():
                 check_spec_tree(v, f"{where}.params.{k}")
         else:

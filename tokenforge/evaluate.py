@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from data.atomic import atomic_write_text
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
 from metrics.precision_recall import PrecisionRecall
 from metrics.reconstruction import ReconstructionMetrics
 from stage1.tokenizer import load_tokenizer, read_checkpoint
-from tokenforge.checkpoints import atomic_write_text
 from tokenforge.config import _merge_overrides, to_plain
 from tokenforge.eval_features import FeatureChoice, choose_features, choose_lpips
 from tokenforge.images import save_grid, save_usage_histogram
@@ -213,10 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from stage2.prior import load_prior
 
         prior = load_prior(args.checkpoint, map_location=args.device)
-        tok_path = args.tokenizer or prior.tokenizer_path
-        if not tok_path or not Path(tok_path).is_file():
-            raise FileNotFoundError(f"the prior's tokenizer {tok_path!r} does not exist here; pass --tokenizer PATH")
-        tokenizer = load_tokenizer(tok_path, map_location=args.device)
+        from tokenforge.sample import load_prior_tokenizer
+
+        tok_path, tokenizer = load_prior_tokenizer(prior, args.tokenizer, args.device)
         tok_ckpt = read_checkpoint(tok_path, expected_kind="tokenizer")
     else:
         raise ValueError(f"{args.checkpoint} holds a {kind!r}; evaluate.py takes tokenizers and priors")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokenforge.checkpoints import atomic_write_text
+from data.atomic import atomic_write_text
 
 
 def _fmt(v: Any) -> str:

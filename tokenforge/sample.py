@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.atomic import atomic_write_text
 from stage1.tokenizer import load_tokenizer
 from stage2.prior import load_prior
-from tokenforge.checkpoints import atomic_write_text
 from tokenforge.images import save_grid
 
 # CLI flag -> keyword of Prior.sample; only flags the user gave are passed on.
@@ -63,6 +63,19 @@ def sampling_kwargs(prior: Any, args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def load_prior_tokenizer(prior: Any, override: str | None, device: str) -> tuple[str, Any]:
+    """The tokenizer a prior was trained on (or ``override``), checked against the prior's code spec."""
+    tok_path = override or prior.tokenizer_path
+    if not tok_path or not Path(tok_path).is_file():
+        raise FileNotFoundError(f"the prior's tokenizer checkpoint {tok_path!r} does not exist here; "
+                                "pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tok_path, map_location=device)
+    spec, want = tokenizer.code_spec, prior.code_spec
+    if spec["codebook_size"] != want["codebook_size"] or list(spec["grid"]) != list(want["grid"]):
+        raise ValueError(f"tokenizer {tok_path} has code spec {spec}, but the prior was trained on {want}")
+    return str(tok_path), tokenizer
+
+
 def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
     parts = [f"n{args.num}"]
     if args.classes is not None:
@@ -76,15 +89,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     prior = load_prior(args.checkpoint, map_location=args.device)
     kwargs = sampling_kwargs(prior, args)
-    tok_path = args.tokenizer or prior.tokenizer_path
-    if not tok_path or not Path(tok_path).is_file():
-        raise FileNotFoundError(f"the tokenizer checkpoint {tok_path!r} recorded in {args.checkpoint} does not "
-                                "exist here; pass --tokenizer PATH")
-    tokenizer = load_tokenizer(tok_path, map_location=args.device)
-    if tokenizer.code_spec["codebook_size"] != prior.code_spec["codebook_size"] or \
-            list(tokenizer.code_spec["grid"]) != list(prior.code_spec["grid"]):
-        raise ValueError(f"tokenizer {tok_path} has code spec {tokenizer.code_spec}, but the prior was trained on "
-                         f"{prior.code_spec}")
+    tok_path, tokenizer = load_prior_tokenizer(prior, args.tokenizer, args.device)
     labels = None
     if args.classes is not None:
         if prior.num_classes is None:

@@ -22,9 +22,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from data.atomic import atomic_write_text
 from layers.instantiate import ConfigError, instantiate
 from tokenforge.callbacks import RunMetadata, SaveOnInterrupt
-from tokenforge.checkpoints import atomic_write_text
 from tokenforge.config import load_config, to_plain
 
 
