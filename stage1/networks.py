@@ -185,11 +185,16 @@ class Decoder(nn.Module):
 
 
 def collect_aux(module: nn.Module) -> dict[str, Tensor]:
-    """Gather auxiliary outputs (e.g. MoE losses) of every :class:`TokenwiseSlot` inside ``module``."""
+    """Gather auxiliary outputs (e.g. MoE losses) of the :class:`TokenwiseSlot` in an Encoder/Decoder.
+
+    Slots live only in the middle block, so only its few children are looked at (this runs on
+    every training step).
+    """
     aux: dict[str, Tensor] = {}
     total = None
-    for name, sub in module.named_modules():
+    for name, sub in module.mid.named_children():
         if isinstance(sub, TokenwiseSlot) and sub.aux:
+            name = f"mid.{name}"
             for k, v in sub.aux.items():
                 if k == "loss":
                     total = v if total is None else total + v
