@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stage1.quantizers._fsq_ops import projected_fsq, rows_to_wide
 from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
@@ -99,22 +100,50 @@ class FSQ(Quantizer):
             return self.quantize(pointwise(self.project_in, flat_channels(z).float()), axis=1)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        q = self._grid_values(z)
-        codes = self.codes_to_indices(q.detach(), axis=1).reshape(z.shape[0], *z.shape[2:])
-        # Without a projection, hand back the input's dtype (e.g. bf16 under autocast).
-        z_q = pointwise(self.project_out, q) if self._projects else q.to(z.dtype)
+        if self._projects:
+            z_q, codes = self._projected_forward(z)
+        else:
+            q = self._grid_values(z)
+            codes = self.codes_to_indices(q.detach(), axis=1)
+            z_q = q.to(z.dtype)  # hand back the input's dtype (e.g. bf16 under autocast)
+        codes = codes.reshape(z.shape[0], *z.shape[2:])
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
         return QuantizerOutput(
             z_q=z_q.reshape(z.shape), codes=codes, loss=loss, stats=usage_stats(codes, self.codebook_size)
         )
 
+    def _projected_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Training path with projections: one fused autograd node (see ``_fsq_ops``), float32 inside."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = flat_channels(z).float()
+            z_q, rounded = projected_fsq(
+                flat,
+                self.project_in.weight.float(),
+                self.project_in.bias.float(),
+                self.project_out.weight.float(),
+                self.project_out.bias.float(),
+                self._shift,
+                self._half_l,
+                self._offset,
+                self._half_width,
+            )
+        # ``rounded`` rows hold the integer levels from -half_width up: shifting gives the digits exactly.
+        # One matrix-vector product (exact: float32 holds integers up to 2^24 > any practical codebook).
+        codes = torch.mv(rounded + self._half_width, self._basis.to(rounded.dtype)).long()
+        return z_q.to(z.dtype), codes
+
     def encode(self, z: Tensor) -> Tensor:
         return self.codes_to_indices(self._grid_values(z), axis=1).reshape(z.shape[0], *z.shape[2:])
 
     def decode(self, codes: Tensor) -> Tensor:
-        q = self.indices_to_codes(codes.reshape(codes.shape[0], -1), axis=1)
-        z_q = pointwise(self.project_out, q)
-        return z_q.reshape(codes.shape[0], z_q.shape[1], *codes.shape[1:])
+        batch = codes.shape[0]
+        if not self._projects:
+            q = self.indices_to_codes(codes.reshape(batch, -1), axis=1)
+            return q.reshape(batch, q.shape[1], *codes.shape[1:])
+        # Same row-wise product as the training path, so decode(encode(z)) matches its z_q.
+        q_rows = self.indices_to_codes(codes.reshape(-1), axis=-1)
+        z_q = rows_to_wide(q_rows, self.project_out.weight, self.project_out.bias, batch)
+        return z_q.reshape(batch, z_q.shape[1], *codes.shape[1:])
 
     @property
     def _projects(self) -> bool:
