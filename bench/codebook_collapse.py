@@ -1,21 +1,26 @@
 """Codebook collapse: one small conv VQ-VAE on Fashion-MNIST, trained with each quantizer.
 
-    python bench/codebook_collapse.py                  # default: 2 seeds x 200 steps x batch 32, K=1024 and 16384
+    python bench/codebook_collapse.py --jobs 2         # default: 3 seeds x 1000 steps x batch 32, K=1024 and 16384
     python bench/codebook_collapse.py --quick          # a fast check: 1 seed, 25 steps, K=1024 only
-    python bench/codebook_collapse.py --seeds 3 --steps 600 --out bench/results/codebook_collapse.md
+    python bench/codebook_collapse.py --sizes 16384 --steps 500 --jobs 2 --out bench/results/collapse_16384.md
 
-Sizing: per training step at batch 64 on one uncontended thread this machine measured ~0.03 s for
-most methods at K=1024, but ~3 s for OptVQ (Sinkhorn over the N x K plan) and Gumbel (N x K
-logits) at K=16384, which dominate. The default halves the batch so that all 44 runs plus the
-full-test-split evaluations come to roughly 20 minutes on 2 free cores. On a shared, loaded CPU
-wall time grows accordingly; ``--out`` is rewritten after each row so a long run leaves a table.
+Sizing (one thread per run, quiet machine): a step at batch 32 takes ~0.01-0.05 s for most methods at
+K=1024, 0.05-0.3 s at K=16384, and ~1.4 s for OptVQ (Sinkhorn over the N x K plan) and Gumbel
+(N x K logits) at K=16384, which dominate. 200 steps is too short for the methods that work by
+moving the whole codebook (SimVQ at 200 steps: 33% usage, at 1000: 93%), hence the 1000-step default.
+``--jobs N`` runs N (method, seed) trainings at once, one thread each. ``--out`` is rewritten after
+each row so a long run leaves a table.
 
 Every method gets the same encoder/decoder (28x28 -> 7x7 grid of ``--dim`` channels -> 28x28), the
 same optimiser (Adam, ``--lr``), batch, number of steps, data order and initialisation per seed; only
 the quantizer differs, built from its class defaults plus the one feature the row is named for:
 
 - ``vq``: plain VQ-VAE (van den Oord 2017): gradient codebook loss + beta commitment, random init;
-- ``vq+kmeans+restart``, ``vq+rotation``: the same gradient VQ plus that feature alone;
+- ``vq+kmeans+restart``, ``vq+rotation``, ``vq+entropy``: the same gradient VQ plus that feature alone
+  (``+entropy``: the MAGVIT-v2 codebook entropy penalty at weight 0.1, class default temperature);
+- ``ibq+entropy``: IBQ plus the same penalty (its reference code base ships it as ``use_entropy_loss``);
+  with ``vq+entropy`` beside it, the table separates what index backpropagation adds from what the
+  penalty adds;
 - ``cvq``, ``simvq``, ``ibq``, ``optvq``, ``gumbel``: their classes' defaults;
 - ``fsq``: levels [8,5,5,5] (1000 codes) for K=1024, [8,8,8,6,5] (15360) for K=16384;
 - ``lfq``: 10 bits (1024) and 14 bits (16384), class defaults (MAGVIT-v2 entropy loss);
@@ -49,6 +54,7 @@ from stage1.quantizers.base import Quantizer  # noqa: E402
 
 FSQ_LEVELS = {1024: [8, 5, 5, 5], 16384: [8, 8, 8, 6, 5]}
 LFQ_BITS = {1024: 10, 16384: 14}
+ENTROPY_WEIGHT = 0.1  # the same penalty weight for every "+entropy" row
 Q = "stage1.quantizers."
 
 
@@ -62,7 +68,12 @@ def method_specs(k: int) -> dict[str, dict]:
         "cvq": {"target": Q + "cvq.ClusteredVQ", "params": {"codebook_size": k}},
         "simvq": {"target": Q + "simvq.SimVQ", "params": {"codebook_size": k}},
         "vq+rotation": {"target": vq, "params": {**plain, "rotation_trick": True}},
+        "vq+entropy": {"target": vq, "params": {**plain, "entropy_weight": ENTROPY_WEIGHT}},
         "ibq": {"target": Q + "ibq.IndexBackpropQuantizer", "params": {"codebook_size": k}},
+        "ibq+entropy": {
+            "target": Q + "ibq.IndexBackpropQuantizer",
+            "params": {"codebook_size": k, "entropy_weight": ENTROPY_WEIGHT},
+        },
         "optvq": {"target": Q + "optvq.OptVQ", "params": {"codebook_size": k}},
         "fsq": {"target": Q + "fsq.FSQ", "params": {"levels": FSQ_LEVELS[k]}},
         "lfq": {"target": Q + "lfq.LFQ", "params": {"bits": LFQ_BITS[k]}},
@@ -156,6 +167,37 @@ def train_one(spec: dict, train: Tensor, test: Tensor, args: argparse.Namespace,
     return result
 
 
+def _train_task(task: tuple, train: Tensor, test: Tensor, args: argparse.Namespace) -> dict[str, float] | str:
+    """One (size, method, seed) training; a failure comes back as its message, so one row is skipped, not all."""
+    _, _, spec, seed = task
+    try:
+        return train_one(spec, train, test, args, seed)
+    except (ConfigError, ImportError, FloatingPointError) as err:  # module missing, or diverged
+        return str(err).splitlines()[0]
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(train: Tensor, test: Tensor, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(train=train, test=test, args=args)
+
+
+def _worker_run(task: tuple) -> dict[str, float] | str:
+    return _train_task(task, _WORKER["train"], _WORKER["test"], _WORKER["args"])
+
+
+def _run_all(tasks: list[tuple], train: Tensor, test: Tensor, args: argparse.Namespace):
+    """Results in task order: in this process, or from ``args.jobs`` forked workers (one thread each)."""
+    if args.jobs <= 1:
+        return (_train_task(t, train, test, args) for t in tasks)
+    import multiprocessing as mp
+
+    pool = mp.get_context("fork").Pool(args.jobs, initializer=_worker_init, initargs=(train, test, args))
+    return pool.imap(_worker_run, tasks)
+
+
 def mean_std(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
@@ -164,8 +206,8 @@ def mean_std(values: list[float], fmt: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dim", type=int, default=16, help="latent channels at the 7x7 grid")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -179,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         default=2,
         help="torch intra-op threads (default 2); on a CPU shared with other jobs, 1 avoids OpenMP barrier stalls",
     )
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once, one thread each (default 1)")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -207,28 +250,31 @@ def main(argv: list[str] | None = None) -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("\n".join(lines) + "\n")
 
-    for k in args.sizes:
-        plain_usage: float | None = None
-        for name, spec in method_specs(k).items():
-            if args.methods and name not in args.methods:
-                continue
-            runs: list[dict[str, float]] = []
-            try:
-                for seed in range(args.seeds):
-                    runs.append(train_one(spec, train, test, args, seed))
-            except (ConfigError, ImportError, FloatingPointError) as err:  # module missing, or diverged
-                emit(f"| {name} | {k} | skipped: {str(err).splitlines()[0][:80]} | | | | |")
-                continue
-            usage = [r["usage"] for r in runs]
-            if name == "vq":
-                plain_usage = statistics.fmean(usage)
-            ratio = f"{statistics.fmean(usage) / plain_usage:.2f}" if plain_usage else "n/a"
-            line = (
-                f"| {name} | {int(runs[0]['k'])} | {mean_std([100 * u for u in usage], '.1f')}% | {ratio} | "
-                f"{mean_std([r['perplexity'] for r in runs], '.0f')} | "
-                f"{mean_std([r['mse'] for r in runs], '.4f')} | {statistics.fmean(r['train_s'] for r in runs):.1f} |"
-            )
-            emit(line)
+    tasks = [
+        (k, name, spec, seed)
+        for k in args.sizes
+        for name, spec in method_specs(k).items()
+        if not args.methods or name in args.methods
+        for seed in range(args.seeds)
+    ]
+    results = _run_all(tasks, train, test, args)
+    plain_usage: dict[int, float] = {}
+    for k, name, _, _ in tasks[:: args.seeds]:
+        runs = [next(results) for _ in range(args.seeds)]
+        failed = [r for r in runs if isinstance(r, str)]
+        if failed:
+            emit(f"| {name} | {k} | skipped: {failed[0][:80]} | | | | |")
+            continue
+        usage = [r["usage"] for r in runs]
+        if name == "vq":
+            plain_usage[k] = statistics.fmean(usage)
+        ratio = f"{statistics.fmean(usage) / plain_usage[k]:.2f}" if k in plain_usage else "n/a"
+        line = (
+            f"| {name} | {int(runs[0]['k'])} | {mean_std([100 * u for u in usage], '.1f')}% | {ratio} | "
+            f"{mean_std([r['perplexity'] for r in runs], '.0f')} | "
+            f"{mean_std([r['mse'] for r in runs], '.4f')} | {statistics.fmean(r['train_s'] for r in runs):.1f} |"
+        )
+        emit(line)
     emit("")
     emit(f"total wall time {time.perf_counter() - bench_start:.0f} s")
 

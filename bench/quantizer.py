@@ -122,7 +122,7 @@ CASES = [
         # Peer defaults: codebook_transform Linear(d, d, bias=False), rotation trick on, commitment 1
         # on the codes and 0.25 on the input; ours configured the same way.
         "simvq",
-        lambda d, k: SimVQ(d, k, beta=BETA, rotation_trick=True),
+        lambda d, k: SimVQ(d, k, beta=BETA, rotation_trick=True, transform_bias=False),
         lambda d, k: peer.SimVQ(d, k, rotation_trick=True),
         target=1.5,
     ),

@@ -73,7 +73,13 @@ class OptVQ(VectorQuantizer):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
-            dim, codebook_size, codebook_dim=codebook_dim, beta=beta, codebook="gradient", chunk_size=chunk_size
+            dim,
+            codebook_size,
+            codebook_dim=codebook_dim,
+            beta=beta,
+            codebook="gradient",
+            init="normal",  # the transport plan's cost is standardised, so the code scale does not matter
+            chunk_size=chunk_size,
         )
         # The paper's weighting: commitment at 1, codebook term at beta.
         self.commit_weight = 1.0

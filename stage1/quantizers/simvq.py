@@ -16,7 +16,8 @@ from stage1.quantizers.vq import VectorQuantizer
 
 
 class SimVQ(VectorQuantizer):
-    """VQ with codebook ``C W``: ``C`` (K, d) frozen Gaussian, ``W`` a learnable ``Linear(d, d)``.
+    """VQ with codebook ``C W``: ``C`` (K, d) frozen Gaussian, ``W`` a learnable ``Linear(d, d)`` (with bias, as in
+    the paper's code).
 
     ``rotation_trick`` swaps the straight-through estimator for the rotation trick, as the peer
     implementation offers; everything else (distance, chunking, low-dim lookup) is inherited.
@@ -31,7 +32,7 @@ class SimVQ(VectorQuantizer):
         distance: str = "l2",
         beta: float = 0.25,
         rotation_trick: bool = False,
-        transform_bias: bool = False,
+        transform_bias: bool = True,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -45,13 +46,15 @@ class SimVQ(VectorQuantizer):
             chunk_size=chunk_size,
         )
         d = self.lookup_dim
-        # Frozen basis: scaled so that C W starts at unit-scale codes with W ~ identity-scale init.
+        # The paper's initialisation: C ~ N(0, 1/d) frozen (unit-norm rows), W a default-initialised
+        # Linear, so the first codes have norm ~1/sqrt(3), near the encoder's initial outputs. An
+        # orthogonal W scaled by sqrt(d) (codes of norm sqrt(d)) measured 0.9% usage against 33% for
+        # this init (K=1024, 200 steps of the collapse benchmark): codes far from every encoder
+        # output are never selected, so W never learns from them.
         frozen = torch.randn(codebook_size, d) * d**-0.5
         del self.embed
         self.register_buffer("embed", frozen)
         self.transform = nn.Linear(d, d, bias=transform_bias)
-        nn.init.orthogonal_(self.transform.weight)
-        self.transform.weight.data.mul_(d**0.5)
 
     def _lookup_codes(self) -> Tensor:
         codes = self.transform(self.embed.float())

@@ -14,7 +14,11 @@ Variants, all chosen by plain keyword arguments (so a YAML ``params`` block can 
   ring buffer of recent encoder rows;
 - ``rotation_trick``: the rotation-trick gradient estimator (Fifty et al. 2024) instead of
   straight-through;
-- ``entropy_weight``: codebook entropy penalty on the soft assignment distribution.
+- ``entropy_weight``: codebook entropy penalty on the soft assignment distribution;
+- ``init``: ``"uniform"`` codes ``U(-1/K, 1/K)`` (taming-transformers / LlamaGen, the default) or
+  ``"normal"`` ``N(0, 1)``. Codes far outside the encoder's initial output cloud leave only the few
+  smallest codes reachable; the collapse benchmark measured the rotation trick at 0.5% usage with
+  ``N(0, 1)`` codes and 52% with the uniform init (K=1024, 1000 steps).
 
 Distances are computed in fp32 (also under autocast) in the matmul form over row chunks; see
 :mod:`stage1.quantizers._vq_ops`.
@@ -38,6 +42,13 @@ from stage1.quantizers._vq_ops import (
     soft_entropy_terms,
 )
 from stage1.quantizers.base import Quantizer, QuantizerOutput, from_rows, to_rows, usage_stats
+
+
+def initial_codes(codebook_size: int, dim: int, init: str) -> Tensor:
+    """Initial codebook: ``U(-1/K, 1/K)`` (``"uniform"``) or ``N(0, 1)`` (``"normal"``), ``(K, dim)``."""
+    if init == "uniform":
+        return torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+    return torch.randn(codebook_size, dim)
 
 
 class VectorQuantizer(Quantizer):
@@ -67,9 +78,12 @@ class VectorQuantizer(Quantizer):
         rotation_trick: bool = False,
         entropy_weight: float = 0.0,
         entropy_temperature: float = 1.0,
+        init: str = "uniform",
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if init not in ("uniform", "normal"):
+            raise ValueError(f"init must be 'uniform' (U(-1/K, 1/K)) or 'normal' (N(0, 1)), got {init!r}")
         if distance not in ("l2", "cosine"):
             raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
         if codebook not in ("ema", "gradient"):
@@ -101,16 +115,16 @@ class VectorQuantizer(Quantizer):
             self.proj_in = nn.Identity()
             self.proj_out = nn.Identity()
 
-        init = torch.randn(codebook_size, self.lookup_dim)
+        codes = initial_codes(codebook_size, self.lookup_dim, init)
         if self.cosine:
-            init = F.normalize(init, dim=1)
+            codes = F.normalize(codes, dim=1)
         if self.use_ema:
             # EMA codes are not trained by the optimiser: buffers, so they live in state_dict and
             # are broadcast by DDP but never appear in ``parameters()``.
-            self.register_buffer("embed", init)
-            self.register_buffer("embed_avg", init.clone())
+            self.register_buffer("embed", codes)
+            self.register_buffer("embed_avg", codes.clone())
         else:
-            self.embed = nn.Parameter(init)
+            self.embed = nn.Parameter(codes)
         # Running usage (EMA of per-batch counts): the EMA cluster size, and the dead-code signal.
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
