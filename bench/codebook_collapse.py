@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Codebook collapse: Fashion-MNIST, tiny conv VQ-VAE (7x7x{args.dim} latent), {args.steps} steps x "
         f"batch {args.batch}, Adam lr {args.lr}, seeds {args.seeds}, test images {test.shape[0]}, "
-        f"torch threads {torch.get_num_threads()}"
+        + (f"{args.jobs} runs at once, 1 torch thread each" if args.jobs > 1 else f"torch threads {args.threads}")
     )
     lines = [
         header,

@@ -193,6 +193,44 @@ def test_simvq_codebook_is_frozen_basis_times_learnt_linear() -> None:
     assert out.stats["usage"] <= 3 / K and moved.all()  # one linear layer moves every code
 
 
+def _usage_after_training(make: Callable[[], Quantizer], steps: int = 300, seed: int = 0) -> float:
+    """Fraction of codes a tiny linear autoencoder uses after training on 64 well-separated clusters."""
+    torch.manual_seed(seed)
+    centres = torch.randn(64, 8) * 2
+    enc, dec, q = torch.nn.Conv1d(8, 8, 1), torch.nn.Conv1d(8, 8, 1), make()
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters(), *q.parameters()], lr=3e-3)
+    for _ in range(steps):
+        x = (centres[torch.randint(0, 64, (256,))] + 0.1 * torch.randn(256, 8)).T.unsqueeze(0)
+        out = q(enc(x))
+        loss = F.mse_loss(dec(out.z_q), x) + out.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x = (centres.repeat(16, 1) + 0.1 * torch.randn(1024, 8)).T.unsqueeze(0)
+        codes = q.eval().encode(enc(x))
+    return codes.unique().numel() / q.codebook_size
+
+
+def test_simvq_and_rotation_trick_use_more_codes_than_plain_vq() -> None:
+    """The papers' claim in miniature: same data, init and steps; only the codebook method differs."""
+    plain = _usage_after_training(lambda: VectorQuantizer(8, 128, codebook="gradient"))
+    simvq = _usage_after_training(lambda: SimVQ(8, 128))
+    rotation = _usage_after_training(lambda: VectorQuantizer(8, 128, codebook="gradient", rotation_trick=True))
+    assert simvq >= 2.5 * plain, (simvq, plain)
+    assert rotation >= 1.3 * plain, (rotation, plain)
+
+
+def test_codebook_init_options() -> None:
+    torch.manual_seed(0)
+    uniform = VectorQuantizer(DIM, 256, codebook="gradient").embed.detach()
+    normal = VectorQuantizer(DIM, 256, codebook="gradient", init="normal").embed.detach()
+    assert uniform.abs().max() <= 1 / 256 and uniform.std() > 0.5 / 256  # U(-1/K, 1/K), not all zero
+    assert 0.8 < float(normal.std()) < 1.2
+    with pytest.raises(ValueError, match="init must be"):
+        VectorQuantizer(DIM, K, init="zeros")
+
+
 def test_ibq_gives_every_code_a_gradient() -> None:
     z = torch.randn(1, DIM, 3)
     grads = {}

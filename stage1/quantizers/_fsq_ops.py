@@ -60,7 +60,12 @@ def per_batch_outer(a_rows: Tensor, b_rows: Tensor, batch: int) -> Tensor:
 
 
 class ProjectedFSQ(torch.autograd.Function):
-    """``(z, W_in, b_in, W_out, b_out, ...) -> (z_q, rounded)``; ``rounded`` (rows of integer levels) has no grad."""
+    """``apply(z, W_in, b_in, W_out, b_out, shift, half_l, offset, half_width) -> (z_q, rounded)``.
+
+    ``z`` is a float32 ``(B, dim, L)`` latent and the per-channel buffers are ``(d,)``. ``z_q`` comes
+    back as ``(B, dim, L)``, channels-last in memory; ``rounded`` holds the ``(B*L, d)`` rows of integer
+    levels and has no gradient.
+    """
 
     @staticmethod
     def forward(
@@ -118,22 +123,3 @@ class ProjectedFSQ(torch.autograd.Function):
         grad_b_in = grad_h.sum(0)
         grad_w_out, grad_b_out = grad_out_params[:-1].t(), grad_out_params[-1]
         return grad_z, grad_w_in, grad_b_in, grad_w_out, grad_b_out, *(None,) * 4
-
-
-def projected_fsq(
-    z: Tensor,
-    w_in: Tensor,
-    b_in: Tensor,
-    w_out: Tensor,
-    b_out: Tensor,
-    shift: Tensor,
-    half_l: Tensor,
-    offset: Tensor,
-    half_width: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Fused FSQ on a float32 ``(B, dim, L)`` latent; per-channel buffers are ``(d,)``.
-
-    Returns ``z_q`` (``(B, dim, L)``, channels-last in memory) and ``rounded``, the ``(B*L, d)``
-    rows of integer levels.
-    """
-    return ProjectedFSQ.apply(z, w_in, b_in, w_out, b_out, shift, half_l, offset, half_width)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1.quantizers._fsq_ops import projected_fsq, rows_to_wide
+from stage1.quantizers._fsq_ops import ProjectedFSQ, rows_to_wide
 from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
@@ -116,7 +116,7 @@ class FSQ(Quantizer):
         """Training path with projections: one fused autograd node (see ``_fsq_ops``), float32 inside."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = flat_channels(z).float()
-            z_q, rounded = projected_fsq(
+            z_q, rounded = ProjectedFSQ.apply(
                 flat,
                 self.project_in.weight.float(),
                 self.project_in.bias.float(),
