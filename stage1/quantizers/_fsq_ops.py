@@ -48,9 +48,16 @@ def project_to_rows(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return narrow.transpose(1, 2).reshape(-1, weight.shape[0])
 
 
-def rows_to_wide(rows: Tensor, weight: Tensor, bias: Tensor, batch: int) -> Tensor:
-    """``(B*L, d) -> (B, dim, L)`` (channels-last view) of ``rows @ weight.T + bias``."""
-    return as_channel_first(torch.addmm(bias, rows, weight.t()), batch)
+def ones_rows_to_wide(q_ones: Tensor, weight: Tensor, bias: Tensor, batch: int) -> Tensor:
+    """``(B*L, d + 1)`` rows whose last column is ones -> ``(B, dim, L)`` (channels-last view) of
+    ``rows @ weight.T + bias``: one GEMM with the bias as an extra weight row, no broadcast copy of the
+    bias into the wide output. Training and ``decode`` both use it, so they agree bit for bit."""
+    return as_channel_first(q_ones @ torch.cat([weight.t(), bias.unsqueeze(0)]), batch)
+
+
+def with_ones_column(rows: Tensor) -> Tensor:
+    """``(N, d) -> (N, d + 1)`` with a trailing column of ones."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
 
 def per_batch_outer(a_rows: Tensor, b_rows: Tensor, batch: int) -> Tensor:
@@ -86,7 +93,7 @@ class ProjectedFSQ(torch.autograd.Function):
         # copy of the bias into the wide output), and in the backward its weight and bias gradients.
         q_ones = torch.ones(rounded.shape[0], rounded.shape[1] + 1, dtype=z.dtype, device=z.device)
         torch.div(rounded, half_width, out=q_ones[:, :-1])
-        z_q = as_channel_first(q_ones @ torch.cat([w_out.t(), b_out.unsqueeze(0)]), z.shape[0])
+        z_q = ones_rows_to_wide(q_ones, w_out, b_out, z.shape[0])
         ctx.save_for_backward(z, w_in, w_out, tanh, q_ones, half_l / half_width)
         ctx.mark_non_differentiable(rounded)
         return z_q, rounded

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1.quantizers._fsq_ops import ProjectedFSQ, rows_to_wide
+from stage1.quantizers._fsq_ops import ProjectedFSQ, ones_rows_to_wide, with_ones_column
 from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
@@ -142,7 +142,7 @@ class FSQ(Quantizer):
             return q.reshape(batch, q.shape[1], *codes.shape[1:])
         # Same row-wise product as the training path, so decode(encode(z)) matches its z_q.
         q_rows = self.indices_to_codes(codes.reshape(-1), axis=-1)
-        z_q = rows_to_wide(q_rows, self.project_out.weight, self.project_out.bias, batch)
+        z_q = ones_rows_to_wide(with_ones_column(q_rows), self.project_out.weight, self.project_out.bias, batch)
         return z_q.reshape(batch, z_q.shape[1], *codes.shape[1:])
 
     @property
