@@ -48,6 +48,17 @@ def project_to_rows(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return narrow.transpose(1, 2).reshape(-1, weight.shape[0])
 
 
+def bound_and_round(
+    z: Tensor, w_in: Tensor, b_in: Tensor, shift: Tensor, half_l: Tensor, offset: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Project ``(B, dim, L)`` to ``(B*L, d)`` rows, bound them and round: ``(tanh, rounded integer levels)``.
+
+    The one place FSQ's levels are computed with projections, for training and ``encode`` alike, so both
+    give the same codes bit for bit."""
+    tanh = torch.tanh(project_to_rows(z, w_in, b_in + shift))
+    return tanh, torch.round(torch.addcmul(-offset, tanh, half_l))
+
+
 def ones_rows_to_wide(q_ones: Tensor, weight: Tensor, bias: Tensor, batch: int) -> Tensor:
     """``(B*L, d + 1)`` rows whose last column is ones -> ``(B, dim, L)`` (channels-last view) of
     ``rows @ weight.T + bias``: one GEMM with the bias as an extra weight row, no broadcast copy of the
@@ -87,8 +98,7 @@ class ProjectedFSQ(torch.autograd.Function):
         offset: Tensor,
         half_width: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        tanh = torch.tanh(project_to_rows(z, w_in, b_in + shift))
-        rounded = torch.round(torch.addcmul(-offset, tanh, half_l))
+        tanh, rounded = bound_and_round(z, w_in, b_in, shift, half_l, offset)
         # q with a trailing column of ones: one product computes project_out with its bias (no broadcast
         # copy of the bias into the wide output), and in the backward its weight and bias gradients.
         q_ones = torch.ones(rounded.shape[0], rounded.shape[1] + 1, dtype=z.dtype, device=z.device)

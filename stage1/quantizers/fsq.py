@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage1.quantizers._fsq_ops import ProjectedFSQ, ones_rows_to_wide, with_ones_column
+from stage1.quantizers._fsq_ops import ProjectedFSQ, bound_and_round, ones_rows_to_wide, with_ones_column
 from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
@@ -92,12 +92,12 @@ class FSQ(Quantizer):
         return (digits.float() - half_width) / half_width
 
     # -- contract -----------------------------------------------------------------------------
-    # Latents stay channel-first, flattened to (B, C, L) (a view): the projections are 1x1 convs, so
-    # no channels-last copy of the latent is ever made (the copy cost more than the quantization).
+    # Latents are flattened to (B, C, L) (a view); with projections, ``_fsq_ops`` reads them in whatever
+    # memory layout they come and never makes a transposed copy (the copy cost more than the quantization).
     def _grid_values(self, z: Tensor) -> Tensor:
         # Quantize in float32: tanh/round in bf16 would merge neighbouring levels.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.quantize(pointwise(self.project_in, flat_channels(z).float()), axis=1)
+            return self.quantize(flat_channels(z).float(), axis=1)  # only without projections
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if self._projects:
@@ -127,13 +127,26 @@ class FSQ(Quantizer):
                 self._offset,
                 self._half_width,
             )
-        # ``rounded`` rows hold the integer levels from -half_width up: shifting gives the digits exactly.
+        return z_q.to(z.dtype), self._codes_from_rounded(rounded)
+
+    def _codes_from_rounded(self, rounded: Tensor) -> Tensor:
+        """``(N, d)`` rows of integer levels (from ``-half_width`` up) -> ``(N,)`` mixed-radix codes."""
         # One matrix-vector product (exact: float32 holds integers up to 2^24 > any practical codebook).
-        codes = torch.mv(rounded + self._half_width, self._basis.to(rounded.dtype)).long()
-        return z_q.to(z.dtype), codes
+        return torch.mv(rounded + self._half_width, self._basis.to(rounded.dtype)).long()
 
     def encode(self, z: Tensor) -> Tensor:
-        return self.codes_to_indices(self._grid_values(z), axis=1).reshape(z.shape[0], *z.shape[2:])
+        if not self._projects:
+            return self.codes_to_indices(self._grid_values(z), axis=1).reshape(z.shape[0], *z.shape[2:])
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            _, rounded = bound_and_round(
+                flat_channels(z).detach().float(),
+                self.project_in.weight.detach().float(),
+                self.project_in.bias.detach().float(),
+                self._shift,
+                self._half_l,
+                self._offset,
+            )
+        return self._codes_from_rounded(rounded).reshape(z.shape[0], *z.shape[2:])
 
     def decode(self, codes: Tensor) -> Tensor:
         batch = codes.shape[0]
