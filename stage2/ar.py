@@ -182,7 +182,8 @@ class ARPrior(Prior):
             cache = self.transformer.new_cache(rows, self.seq_len) if use_cache else None
             for t in range(self.seq_len):
                 if cache is not None:
-                    x = start if t == 0 else self._add_level(self.tok_emb(tokens[:, t - 1 : t]), t)
+                    x = start if t == 0 else self.tok_emb(tokens[:, t - 1 : t])
+                    x = self._add_level(x, t)  # step 0 too: training adds level 0 to the start token
                     h, _ = self.transformer(x, cache)
                 else:
                     x = self._add_level(torch.cat([start, self.tok_emb(tokens[:, :t])], dim=1), 0)

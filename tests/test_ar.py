@@ -109,6 +109,43 @@ def test_unconditional_paths():
         model.sample(2, cond=3)
 
 
+# flat codes, residual levels (depth 3) and grouped codes (the groups axis plays depth in the code spec)
+CACHE_SPECS = {
+    "flat": {**SPEC, "grid": [2, 3]},
+    "residual": {**SPEC, "grid": [2, 2], "depth": 3},
+    "grouped": {**SPEC, "grid": [3, 1], "depth": 2},
+}
+
+
+@pytest.mark.parametrize("num_classes", [3, None])
+@pytest.mark.parametrize("layout", sorted(CACHE_SPECS))
+def test_cached_sampling_draws_from_the_teacher_forced_distribution(layout, num_classes, monkeypatch):
+    """Issue 10: every step of KV-cached sampling (step 0 included) sees the logits of training, and
+    cached and uncached sampling with one generator give the same codes, for every code layout."""
+    import stage2.ar as ar
+
+    torch.manual_seed(0)
+    model = ARPrior(code_spec=CACHE_SPECS[layout], num_classes=num_classes, **TINY).eval()
+    if model.level_emb is not None:
+        with torch.no_grad():  # level embeddings far from zero: a missing level term shows at once
+            model.level_emb.weight.normal_(0, 1.0)
+    seen: list[torch.Tensor] = []
+    real = ar.sample_from_logits
+    monkeypatch.setattr(ar, "sample_from_logits", lambda logits, *a, **k: seen.append(logits) or real(logits, *a, **k))
+    cond = torch.tensor([0, 1, 2, 1]) if num_classes else None
+    codes = model.sample(4, cond=cond, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        forced, _ = model(codes, cond)
+    stepwise = torch.stack(seen, dim=1)
+    assert stepwise.shape == forced.shape == (4, model.seq_len, 12)
+    torch.testing.assert_close(stepwise[:, 0], forced[:, 0], rtol=1e-5, atol=1e-5)  # the start token
+    torch.testing.assert_close(stepwise, forced, rtol=1e-5, atol=1e-5)
+    for seed in range(4):
+        g = torch.Generator()
+        cached = model.sample(4, cond=cond, generator=g.manual_seed(seed))
+        assert torch.equal(model.sample(4, cond=cond, use_cache=False, generator=g.manual_seed(seed)), cached)
+
+
 @pytest.mark.parametrize("positions", ["rope2d", "learned"])
 def test_residual_codes_flatten_depth_minor_and_cache_matches(positions):
     spec = {**SPEC, "grid": [2, 3], "depth": 2}
