@@ -1,0 +1,219 @@
+"""VQ-Diffusion: the discrete-diffusion math against brute force, the loss and its gradients against the
+paper's formulas on explicit matrices, and the prior end to end (train a few steps, sample valid codes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stage2.discrete_diffusion import DiscreteDiffusion, ImportanceStepSampler, guided_log_p_x0, truncate
+
+K, T = 3, 6  # tiny vocabulary (plus the mask) and a short chain: every matrix below is explicit
+
+
+def schedule_matrices(diff: DiscreteDiffusion) -> list[torch.Tensor]:
+    """One-step matrices Q_t[i, j] = q(x_t = j | x_{t-1} = i), t = 1..T, written from the definition
+    (alpha_t + beta_t stay, beta_t per value, gamma_t mask, mask absorbing) with
+    alpha_t = abar_t / abar_{t-1} and gamma_t = 1 - (1 - gbar_t) / (1 - gbar_{t-1})."""
+    abar, gbar, k = diff.abar, diff.gbar, diff.num_codes
+    mats = []
+    for t in range(1, diff.steps + 1):
+        alpha = abar[t] / abar[t - 1]
+        gamma = 1 - (1 - gbar[t]) / (1 - gbar[t - 1])
+        beta = (1 - alpha - gamma) / k
+        q = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        q[:k, :k] = beta
+        q[:k, :k] += alpha * torch.eye(k, dtype=torch.float64)
+        q[:k, k] = gamma
+        q[k, k] = 1.0
+        mats.append(q)
+    return mats
+
+
+def cumulative(mats: list[torch.Tensor], s: int, t: int) -> torch.Tensor:
+    """Q_{s->t} = Q_{s+1} ... Q_t (identity when s = t)."""
+    out = torch.eye(mats[0].shape[0], dtype=torch.float64)
+    for i in range(s, t):
+        out = out @ mats[i]
+    return out
+
+
+def brute_posterior(mats, p_x0: torch.Tensor, x_t: int, t: int, s: int) -> torch.Tensor:
+    """sum_{x_0} p(x_0) q(x_s | x_t, x_0) with q(x_s | x_t, x_0) by Bayes' rule on explicit matrices."""
+    q_s0, q_t0, q_ts = cumulative(mats, 0, s), cumulative(mats, 0, t), cumulative(mats, s, t)
+    out = torch.zeros(K + 1, dtype=torch.float64)
+    for x0 in range(K):
+        joint = q_s0[x0, :] * q_ts[:, x_t]  # q(x_s | x_0) q(x_t | x_s)
+        out = out + p_x0[x0] * joint / q_t0[x0, x_t]
+    return out
+
+
+@pytest.fixture()
+def diff() -> DiscreteDiffusion:
+    return DiscreteDiffusion(K, T).double()
+
+
+def test_one_step_rows_sum_to_one_and_match_the_definition(diff):
+    mats = schedule_matrices(diff)
+    eye = torch.eye(K + 1, dtype=torch.float64)
+    log_eye = torch.log(eye.clamp_min(1e-30))
+    for t in range(1, T + 1):
+        rows = diff.transition(log_eye, t - 1, t).exp()  # row i = q(x_t | x_{t-1} = i)
+        torch.testing.assert_close(rows.sum(-1), torch.ones(K + 1, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(rows, mats[t - 1], rtol=1e-9, atol=1e-12)
+        assert rows[K, K] == pytest.approx(1.0)  # the mask is absorbing
+
+
+def test_composed_single_steps_equal_the_closed_form(diff):
+    mats = schedule_matrices(diff)
+    log_eye = torch.log(torch.eye(K + 1, dtype=torch.float64).clamp_min(1e-30))
+    for t in range(1, T + 1):
+        composed = cumulative(mats, 0, t)
+        closed = diff.transition(log_eye, 0, t).exp()
+        torch.testing.assert_close(closed, composed, rtol=1e-9, atol=1e-12)
+        # and any skip s -> t equals the product of the steps in between
+        for s in range(t):
+            torch.testing.assert_close(diff.transition(log_eye, s, t).exp(), cumulative(mats, s, t),
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_all_mass_is_on_the_mask_at_the_last_step():
+    diff = DiscreteDiffusion(16, 100)  # the paper's default schedule, gbar_T = 0.99999
+    log_x0 = diff.log_onehot(torch.arange(16), 17)
+    q_T = diff.transition(log_x0.double(), 0, 100).exp()
+    assert (q_T[:, -1] > 1 - 2e-5).all()
+    assert (q_T[:, -1] < 1).all() and (q_T[:, :-1].sum(-1) < 2e-5).all()
+
+
+@pytest.mark.parametrize("skip", [1, 2, 4])
+def test_posterior_equals_bayes_rule_by_brute_force(diff, skip):
+    mats = schedule_matrices(diff)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, T + 1):
+        s = max(0, t - skip)
+        for x_t in range(K + 1):
+            p_x0 = torch.rand(K, generator=g, dtype=torch.float64).softmax(-1)
+            want = brute_posterior(mats, p_x0, x_t, t, s)
+            got = diff.posterior(p_x0.log()[None], torch.tensor([x_t]), t, s)[0].exp()
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+            assert got.sum().item() == pytest.approx(1.0, abs=1e-10)
+            # a one-hot p(x_0) gives the true posterior q(x_s | x_t, x_0)
+            for x0 in range(K):
+                onehot = diff.log_onehot(torch.tensor([x0])).double()
+                true = diff.posterior(onehot, torch.tensor([x_t]), t, s)[0].exp()
+                expected = brute_posterior(mats, torch.eye(K, dtype=torch.float64)[x0], x_t, t, s)
+                torch.testing.assert_close(true, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_posterior_matches_diffusers_vq_diffusion_scheduler():
+    sched_mod = pytest.importorskip("diffusers.schedulers.scheduling_vq_diffusion")
+    k, steps = 7, 20
+    ours = DiscreteDiffusion(k, steps)
+    theirs = sched_mod.VQDiffusionScheduler(num_vec_classes=k + 1, num_train_timesteps=steps)
+    g = torch.Generator().manual_seed(1)
+    log_p_x0 = torch.randn(2, 5, k, generator=g).log_softmax(-1)
+    x_t = torch.randint(0, k + 1, (2, 5), generator=g)
+    x_t[:, 0] = k  # make sure both masked and unmasked tokens are compared
+    for t in range(1, steps + 1):
+        got = ours.posterior(log_p_x0, x_t, t).exp()
+        want = theirs.q_posterior(log_p_x0.transpose(1, 2), x_t, t - 1).exp().transpose(1, 2)  # 0-based t
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_q_sample_draws_from_the_closed_form():
+    diff = DiscreteDiffusion(4, 10)
+    n = 200_000
+    x0 = torch.full((n,), 2)
+    for t in (1, 4, 10):
+        g = torch.Generator().manual_seed(t)
+        xt = diff.q_sample(x0, torch.full((n,), t), generator=g)
+        freq = torch.bincount(xt, minlength=5).double() / n
+        want = diff.transition(diff.log_onehot(torch.tensor([2]), 5).double(), 0, t).exp()[0]
+        torch.testing.assert_close(freq, want, rtol=0, atol=4e-3)
+
+
+def _brute_vlb(mats, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The paper's L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) (t >= 2) or -log p(x_0|x_1) (t = 1),
+    per token, from explicit matrices; differentiable in ``logits``."""
+    p_x0 = logits.double().softmax(-1)
+    terms = []
+    for i in range(x0.shape[0]):
+        model = brute_posterior(mats, p_x0[i], int(x_t[i]), t, t - 1)
+        if t == 1:
+            terms.append(-torch.log(model[int(x0[i])]))
+            continue
+        true = brute_posterior(mats, torch.eye(K, dtype=torch.float64)[int(x0[i])], int(x_t[i]), t, t - 1)
+        keep = true > 0
+        terms.append((true[keep] * (true[keep].log() - model[keep].log())).sum())
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, T])
+def test_vlb_terms_and_gradients_match_the_formula_on_explicit_matrices(diff, t):
+    mats = schedule_matrices(diff)
+    g = torch.Generator().manual_seed(t)
+    x0 = torch.tensor([0, 1, 2, 0, 1, 2, 1, 0])
+    x_t = torch.tensor([0, 1, 2, 3, 3, 3, 0, 2])  # kept, masked and replaced tokens
+    logits = torch.randn(8, K, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = diff.vlb_terms(logits.log_softmax(-1)[None], x0[None], x_t[None], torch.tensor([t]))[0]
+    want = _brute_vlb(mats, logits, x0, x_t, t)
+    torch.testing.assert_close(ours, want, rtol=1e-7, atol=1e-10)
+    assert torch.isfinite(ours).all() and (ours >= -1e-12).all()
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g_ours, g_want, rtol=1e-6, atol=1e-9)
+
+
+def test_vlb_is_finite_at_every_step_in_float32():
+    diff = DiscreteDiffusion(16, 100)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 16, (100, 12), generator=g)
+    t = torch.arange(1, 101)
+    x_t = diff.q_sample(x0, t, generator=g)
+    logits = torch.randn(100, 12, 16, generator=g, requires_grad=True)
+    terms = diff.vlb_terms(logits.log_softmax(-1), x0, x_t, t)
+    assert torch.isfinite(terms).all() and (terms > -1e-4).all()
+    terms.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_perfect_x0_prediction_has_zero_kl():
+    diff = DiscreteDiffusion(5, 10)
+    x0 = torch.tensor([[0, 1, 2, 3, 4]])
+    for t in range(2, 11):
+        x_t = diff.q_sample(x0, torch.tensor([t]), generator=torch.Generator().manual_seed(t))
+        perfect = diff.log_onehot(x0)
+        assert diff.vlb_terms(perfect, x0, x_t, torch.tensor([t])).abs().max() < 1e-5
+
+
+def test_truncation_keeps_the_top_mass_and_renormalises():
+    log_p = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = truncate(log_p, 0.7).exp()
+    torch.testing.assert_close(kept[:2], torch.tensor([0.625, 0.375]))
+    assert kept[2:].sum() < 1e-20
+    assert truncate(log_p, None) is log_p
+    assert truncate(log_p, 0.1).exp()[0] == pytest.approx(1.0)  # the top code always survives
+
+
+def test_guidance_scale_zero_is_the_conditional_distribution():
+    cond, uncond = torch.randn(4, 5).log_softmax(-1), torch.randn(4, 5).log_softmax(-1)
+    assert guided_log_p_x0(cond, uncond, 0.0) is cond
+    guided = guided_log_p_x0(cond, uncond, 2.0)
+    torch.testing.assert_close(guided.exp().sum(-1), torch.ones(4))
+    torch.testing.assert_close(guided, (3 * cond - 2 * uncond).log_softmax(-1))
+
+
+def test_importance_sampler_is_uniform_until_warm_then_follows_sqrt_mean_square():
+    sampler = ImportanceStepSampler(4, importance=True, min_count=2)
+    torch.testing.assert_close(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    for _ in range(60):
+        sampler.update(torch.tensor([1, 2, 3, 4]), torch.tensor([9.0, 1.0, 2.0, 4.0]))
+    p = sampler.probabilities()
+    want = torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64)  # sqrt(E[L^2]) = L; t=1 copies t=2
+    torch.testing.assert_close(p, want / want.sum(), rtol=1e-3, atol=1e-4)
+    t, pt = sampler.sample(1000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 1 and t.max() <= 4
+    torch.testing.assert_close(pt, p.float()[t - 1])
+    assert math.isclose((t == 4).float().mean().item(), p[3].item(), abs_tol=0.05)
