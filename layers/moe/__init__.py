@@ -3,25 +3,27 @@ routers chosen in YAML, e.g.
 ``ffn: {target: layers.moe.MoE, params: {num_experts: 8, top_k: 2, hidden_dim: 1024,
 router: {target: layers.moe.TopKRouter, params: {balance_weight: 0.01}}}}``.
 
-Files: ``routing.py`` (the router -> layer contract, shared losses), ``routers.py`` (sparse
-routers), ``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py``
-(dispatch, MoE, ConvMoE).
+Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``router_losses.py``
+(losses and statistics routers share), ``routers.py`` (sparse routers), ``top_any.py`` (DynMoE),
+``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py`` (dispatch,
+MoE, ConvMoE).
 """
 
+from .contract import Routing
 from .experts import StackedExperts
 from .layer import ConvMoE, MoE, SharedExperts, build_router
+from .router_losses import balance_loss, z_loss
 from .routers import (
     AuxFreeRouter,
     ExpertChoiceRouter,
     MoEPlusPlusRouter,
     ReLURouter,
     Router,
-    TopAnyRouter,
     TopKRouter,
     link_gating_residuals,
 )
-from .routing import Routing, balance_loss, z_loss
 from .soft import SoftMoERouter
+from .top_any import TopAnyRouter
 
 __all__ = [
     "AuxFreeRouter", "ConvMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter", "ReLURouter", "Router",

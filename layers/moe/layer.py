@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from layers.instantiate import ConfigError, check_params, resolve_target
 
+from .contract import Routing
 from .experts import StackedExperts
 from .routers import Router
-from .routing import Routing
 
 DEFAULT_ROUTER = {"target": "layers.moe.TopKRouter", "params": {}}
 
@@ -97,7 +97,7 @@ def build_router(spec: Mapping[str, Any] | None, dim: int, num_experts: int, top
     unknown = set(spec) - {"target", "params"}
     if unknown or "target" not in spec:
         raise ConfigError(f"{where}: a router spec is {{target, params}}, got keys {sorted(spec)}")
-    cls = resolve_target(spec["target"])
+    cls = resolve_target(spec["target"], base=Router, where=where)  # checked before its constructor runs
     params = dict(spec.get("params") or {})
     accepted = inspect.signature(cls).parameters
     for key, value in (("dim", dim), ("num_experts", num_experts), ("top_k", top_k)):

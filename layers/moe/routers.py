@@ -1,6 +1,6 @@
 """Token-choice and expert-choice routers: each a small class implementing one paper's method.
 
-Every router maps ``x`` (B, T, D) to a :class:`~layers.moe.routing.Routing` over the ``N = B*T``
+Every router maps ``x`` (B, T, D) to a :class:`~layers.moe.contract.Routing` over the ``N = B*T``
 flattened tokens. Router logits are computed in float32 whatever the activation dtype (ST-MoE's
 advice: routing decisions are sensitive to round-off).
 
@@ -8,12 +8,13 @@ advice: routing decisions are sensitive to round-off).
   z-loss (Fedus et al. 2021, Lepikhin et al. 2020, Zoph et al. 2022). With ``renormalize=False``
   and ``MoE(num_shared=...)`` it is DeepSeekMoE's gating (Dai et al. 2024).
 - :class:`AuxFreeRouter`: DeepSeek-V3's auxiliary-loss-free balancing (selection-only bias).
-- :class:`ExpertChoiceRouter`: experts pick their top-c tokens (Zhou et al. 2022); not causal-safe.
+- :class:`ExpertChoiceRouter`: experts pick their top-c tokens of the batch (Zhou et al. 2022); not
+  causal-safe.
 - :class:`ReLURouter`: ReMoE (Wang et al. 2024), ReLU gates, adaptive L1 toward sparsity 1 - k/E.
-- :class:`TopAnyRouter`: DynMoE's top-any gating (Guo et al. 2024), trainable per-expert thresholds.
 - :class:`MoEPlusPlusRouter`: MoE++ (Jin et al. 2024), zero/copy/constant experts, gating residuals.
 
-Soft MoE lives in :mod:`layers.moe.soft` since it routes densely by design.
+Soft MoE lives in :mod:`layers.moe.soft` since it routes densely by design; DynMoE's top-any router,
+with its expert add/remove, in :mod:`layers.moe.top_any`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .routing import Routing, balance_loss, entropy, load_fraction, z_loss
+from .contract import Routing
+from .router_losses import balance_loss, entropy, load_fraction, z_loss
 
 
 class Router(nn.Module):
@@ -150,29 +152,41 @@ class AuxFreeRouter(Router):
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-c tokens.
 
-    Token-to-expert affinities are a softmax over experts; then, within each sequence, expert e
-    selects the ``c = ceil(T * capacity_factor / E)`` tokens with the highest affinity and weighs
-    them by it. A token may be taken by several experts or by none. Load is balanced by
-    construction, so there is no balance loss. The choice for token t depends on all other tokens
-    of the sequence, future ones included, hence ``causal_safe = False``.
+    Token-to-expert affinities are ``S = softmax(X W)`` over experts for the ``n`` tokens of a
+    routing group; expert e selects the ``c = ceil(n * capacity_factor / E)`` tokens with the
+    highest ``S[:, e]`` and weighs each by that affinity. With ``group="batch"`` (the default, the
+    paper's) the group is the whole batch, ``n = B*T``; ``group="sequence"`` routes every sequence
+    separately (``n = T``, c experts' worth of each sequence). A token may be taken by several
+    experts or by none. Load is balanced by construction, so there is no balance loss. The choice
+    for a token depends on other tokens (future ones and, per batch, other samples), hence
+    ``causal_safe = False``.
     """
 
     causal_safe = False
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 2.0,
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 2.0, group: str = "batch",
                  z_loss_weight: float = 0.0) -> None:
         super().__init__(dim, num_experts)
-        self.capacity_factor, self.z_loss_weight = capacity_factor, z_loss_weight
+        if group not in ("batch", "sequence"):
+            raise ValueError(f"group must be 'batch' (the paper's) or 'sequence', got {group!r}")
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        self.capacity_factor, self.group, self.z_loss_weight = capacity_factor, group, z_loss_weight
         self.proj = nn.Linear(dim, num_experts, bias=False)
+
+    def capacity(self, n: int) -> int:
+        """Tokens each expert takes from a group of ``n``: ``ceil(n * capacity_factor / E)`` in [1, n]."""
+        return max(1, min(n, math.ceil(n * self.capacity_factor / self.num_experts)))
 
     def forward(self, x: Tensor) -> Routing:
         b, t = x.shape[0], x.shape[1]
-        logits = F.linear(x.reshape(b, t, self.dim).float(), self.proj.weight.float())
-        probs = logits.softmax(-1)  # (B, T, E)
-        c = max(1, min(t, math.ceil(t * self.capacity_factor / self.num_experts)))
-        gate, tok = probs.topk(c, dim=1)  # (B, c, E): expert e's chosen tokens
-        token_idx = (tok + torch.arange(b, device=x.device).view(b, 1, 1) * t).reshape(-1)
-        expert_idx = torch.arange(self.num_experts, device=x.device).expand(b, c, -1).reshape(-1)
+        g, n = (1, b * t) if self.group == "batch" else (b, t)
+        logits = F.linear(x.reshape(g, n, self.dim).float(), self.proj.weight.float())
+        probs = logits.softmax(-1)  # (G, n, E)
+        c = self.capacity(n)
+        gate, tok = probs.topk(c, dim=1)  # (G, c, E): expert e's chosen tokens in each group
+        token_idx = (tok + torch.arange(g, device=x.device).view(g, 1, 1) * n).reshape(-1)
+        expert_idx = torch.arange(self.num_experts, device=x.device).expand(g, c, -1).reshape(-1)
         load = load_fraction(expert_idx, self.num_experts)
         picked = torch.zeros(b * t, dtype=torch.bool, device=x.device)
         picked[token_idx] = True
@@ -220,55 +234,6 @@ class ReLURouter(Router):
         dist = gates / gates.sum(-1, keepdim=True).clamp_min(1e-12)
         return Routing(token_idx, expert_idx, gates[token_idx, expert_idx], loss,
                        load_fraction(expert_idx, self.num_experts), entropy(dist), stats)
-
-
-class TopAnyRouter(Router):
-    """DynMoE's top-any gating (Guo et al. 2024): each token decides how many experts to use.
-
-    Scores ``s = sigmoid(cos(x, w_e))`` against per-expert keys ``w_e``; expert e is active for a
-    token when ``s_e > sigmoid(G_e)`` with a trainable threshold ``G_e``. A token that clears no
-    threshold takes its best expert, so every token gets at least one. Combine weights are the
-    active scores normalised to sum to one; the hard activation mask passes a straight-through
-    gradient (``s - sigmoid(G)``) so that thresholds and keys learn from the task loss, as the
-    paper's sign gate does. Auxiliary losses as in the paper: load balance, *diversity*
-    ``||W^ W^T - I||_F`` on the normalised keys (experts should differ) and *simplicity*
-    ``mean_e ||w_e||`` (keys should stay small).
-    """
-
-    def __init__(self, dim: int, num_experts: int, balance_weight: float = 0.01,
-                 diversity_weight: float = 0.01, simplicity_weight: float = 0.01,
-                 threshold_init: float = 0.0) -> None:
-        super().__init__(dim, num_experts)
-        self.balance_weight, self.diversity_weight = balance_weight, diversity_weight
-        self.simplicity_weight = simplicity_weight
-        self.keys = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.orthogonal_(self.keys)
-        self.threshold = nn.Parameter(torch.full((num_experts,), float(threshold_init)))
-
-    def forward(self, x: Tensor) -> Routing:
-        xf = F.normalize(x.reshape(-1, self.dim).float(), dim=-1)
-        keys = F.normalize(self.keys.float(), dim=-1)
-        scores = torch.sigmoid(xf @ keys.t())
-        margin = scores - torch.sigmoid(self.threshold.float())
-        hard = margin > 0
-        idle = ~hard.any(-1)
-        if idle.any():
-            hard[idle] = F.one_hot(margin[idle].argmax(-1), self.num_experts).bool()
-        mask = hard.float() + margin - margin.detach()  # value: hard mask; gradient: d margin
-        weights = scores * mask
-        gates = weights / (scores * hard).sum(-1, keepdim=True)
-        token_idx, expert_idx = hard.nonzero(as_tuple=True)
-        load = load_fraction(expert_idx, self.num_experts)
-        norm_scores = scores / scores.sum(-1, keepdim=True)
-        bal = balance_loss(load, norm_scores.mean(0))
-        div = torch.linalg.matrix_norm(keys @ keys.t() - torch.eye(self.num_experts, device=x.device))
-        simple = self.keys.float().norm(dim=-1).mean()
-        loss = self.balance_weight * bal + self.diversity_weight * div + self.simplicity_weight * simple
-        stats = {"balance_loss": bal.detach(), "diversity_loss": div.detach(),
-                 "simplicity_loss": simple.detach(), "experts_per_token": hard.sum(-1).float().mean(),
-                 "idle_fraction": idle.float().mean()}
-        return Routing(token_idx, expert_idx, gates[token_idx, expert_idx], loss, load,
-                       entropy(norm_scores), stats)
 
 
 class MoEPlusPlusRouter(Router):

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .contract import Routing
+from .router_losses import entropy
 from .routers import Router
-from .routing import Routing, entropy
 
 
 class SoftMoERouter(Router):
