@@ -21,27 +21,38 @@ from layers.attention import Attention
 from layers.instantiate import instantiate
 from layers.kv_cache import KVCache
 from layers.mlp import MLP
-from layers.norms import make_norm
+from layers.norms import AdaptiveNorm, make_norm
 from layers.positions import LearnedPositions, Rotary
 
 POSITIONS = ("learned", "rope1d", "rope2d", "none")
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+    """``x + attn(norm(x))`` then ``x + ffn(norm(x))``; with ``cond_dim`` both norms are AdaLN."""
 
-    def __init__(self, dim: int, heads: int, causal: bool, norm: str, ffn: nn.Module, dropout: float):
+    def __init__(
+        self, dim: int, heads: int, causal: bool, norm: str, ffn: nn.Module, dropout: float,
+        cond_dim: int | None = None,
+    ):
         super().__init__()
-        self.norm1 = make_norm(norm, dim)
+        self.adaptive = cond_dim is not None
+        self.norm1 = AdaptiveNorm(norm, dim, cond_dim) if self.adaptive else make_norm(norm, dim)
         self.attn = Attention(dim, heads, causal, dropout)
-        self.norm2 = make_norm(norm, dim)
+        self.norm2 = AdaptiveNorm(norm, dim, cond_dim) if self.adaptive else make_norm(norm, dim)
         self.ffn = ffn
 
+    def _norm(self, norm: nn.Module, x: Tensor, cond: Tensor | None) -> Tensor:
+        if not self.adaptive:
+            return norm(x)
+        if cond is None:
+            raise ValueError("this transformer has AdaLN blocks (cond_dim set): forward needs cond")
+        return norm(x, cond)
+
     def forward(
-        self, x: Tensor, rotary: Rotary | None, cache: KVCache | None, layer: int
+        self, x: Tensor, rotary: Rotary | None, cache: KVCache | None, layer: int, cond: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        x = x + self.attn(self.norm1(x), rotary, cache, layer)
-        out = self.ffn(self.norm2(x))
+        x = x + self.attn(self._norm(self.norm1, x, cond), rotary, cache, layer)
+        out = self.ffn(self._norm(self.norm2, x, cond))
         aux = None
         if isinstance(out, tuple):
             out, aux = out
@@ -64,6 +75,9 @@ class Transformer(nn.Module):
         dropout: attention, residual and embedding dropout.
         ffn: optional component spec replacing the MLP of every ``ffn_every``-th block (blocks
             ``ffn_every-1, 2*ffn_every-1, ...``; all blocks when 1).
+        cond_dim: when set, every block's norms are AdaLN (:class:`layers.norms.AdaptiveNorm`)
+            modulated by a per-sample vector ``cond`` ``(B, cond_dim)`` given to :meth:`forward`
+            (e.g. a diffusion timestep plus class embedding).
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class Transformer(nn.Module):
         dropout: float = 0.0,
         ffn: Mapping[str, Any] | None = None,
         ffn_every: int = 1,
+        cond_dim: int | None = None,
     ):
         super().__init__()
         if positions not in POSITIONS:
@@ -122,7 +137,7 @@ class Transformer(nn.Module):
                     )
             else:
                 ffn_mod = MLP(dim, mlp_ratio, mlp, dropout)
-            blocks.append(Block(dim, heads, causal, norm, ffn_mod, dropout))
+            blocks.append(Block(dim, heads, causal, norm, ffn_mod, dropout, cond_dim))
         self.blocks = nn.ModuleList(blocks)
         self.norm = make_norm(norm, dim)
 
@@ -141,8 +156,12 @@ class Transformer(nn.Module):
             device=device or p.device,
         )
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, cond: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Hidden states ``(B, T, D)`` after the final norm, and the aux dict.
+
+        ``cond`` ``(B, cond_dim)`` modulates the AdaLN norms of a transformer built with ``cond_dim``.
 
         With ``cache``, ``x`` holds the next ``T`` tokens at positions ``cache.length ..``; the cache
         is advanced by ``T`` on return.
@@ -156,7 +175,7 @@ class Transformer(nn.Module):
         aux: dict[str, Tensor] = {}
         aux_loss = x.new_zeros(())
         for i, block in enumerate(self.blocks):
-            x, layer_aux = block(x, self.rotary, cache, i)
+            x, layer_aux = block(x, self.rotary, cache, i, cond)
             if layer_aux:
                 for key, value in layer_aux.items():
                     if key == "loss":

@@ -217,3 +217,24 @@ def test_importance_sampler_is_uniform_until_warm_then_follows_sqrt_mean_square(
     assert t.min() >= 1 and t.max() <= 4
     torch.testing.assert_close(pt, p.float()[t - 1])
     assert math.isclose((t == 4).float().mean().item(), p[3].item(), abs_tol=0.05)
+
+
+def test_adaptive_norm_starts_as_the_plain_norm_and_modulates_per_sample():
+    from layers.norms import AdaptiveNorm
+    from layers.transformer import Transformer
+
+    torch.manual_seed(0)
+    norm = AdaptiveNorm("layernorm", 8, 4)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 4)
+    torch.testing.assert_close(norm(x, c), torch.nn.functional.layer_norm(x, (8,), eps=1e-6))
+    torch.nn.init.normal_(norm.modulation[1].weight)
+    y = norm(x, c)
+    scale, shift = norm.modulation(c).chunk(2, -1)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
+
+    net = Transformer(8, 2, 2, causal=False, positions="none", max_len=5, cond_dim=4)
+    with pytest.raises(ValueError, match="needs cond"):
+        net(x)
+    for block in net.blocks:
+        torch.nn.init.normal_(block.norm1.modulation[1].weight)
+    assert not torch.allclose(net(x, cond=c)[0], net(x, cond=c.flip(0))[0])
