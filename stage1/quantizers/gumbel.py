@@ -2,8 +2,11 @@
 
 A 1x1 projection (a ``Linear`` on the rows, i.e. a 1x1 conv for any spatial rank) maps ``z`` with
 ``dim`` channels to ``K`` logits. Training samples ``gumbel_softmax(logits, tau)`` and mixes the
-codebook with it; with ``hard=True`` the forward value is the sampled code and the gradient is the
-soft sample's (straight-through), computed as ``E[idx] + soft E - sg(soft E)`` so no one-hot is built.
+codebook with it; with ``hard=True`` the forward value is the sampled code and the estimator is
+straight-through over the sample, ``z_q = (one_hot - sg(soft) + soft) E`` (``F.gumbel_softmax(hard=True)``
+then a matmul, as in taming-transformers). So the codebook's gradient is ``one_hot^T g`` (the sampled
+codes only) and ``g E^T`` flows through the soft sample into the logits. It is computed as
+``E[idx] + (soft - sg(soft)) sg(E)`` (same value and gradients) so no one-hot is built.
 The KL to a uniform prior, ``sum q log(q K)``, is weighted by ``kl_weight``. The temperature decays
 exponentially as in DALL-E, ``tau = max(temperature * exp(-anneal_rate * step), temperature_min)``,
 where ``step`` is a buffer counting training forwards (so it survives checkpoints). Inference takes
@@ -77,9 +80,13 @@ class GumbelQuantizer(Quantizer):
                 tau = self.current_temperature
                 soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
                 codes = self.embed.float()
-                soft_q = soft @ codes
                 idx = soft.argmax(dim=1)
-                z_q = codes.index_select(0, idx) + (soft_q - soft_q.detach()) if self.hard else soft_q
+                if self.hard:
+                    # The codebook enters the soft path detached: its gradient is one_hot^T g alone.
+                    soft_q = soft @ codes.detach()
+                    z_q = codes.index_select(0, idx) + (soft_q - soft_q.detach())
+                else:
+                    z_q = soft @ codes
                 log_q = torch.log_softmax(logits, dim=1)
                 kl = (log_q.exp() * (log_q + math.log(self.codebook_size))).sum(1).mean()
                 loss = self.kl_weight * kl

@@ -2,10 +2,18 @@
 Autoregressive Image Generation").
 
 Codes are chosen by the largest logit ``z . E^T``. The quantized vector is straight-through over the
-*index*: ``one_hot = hard - sg(soft) + soft`` with ``soft = softmax(logits)``, and ``z_q = one_hot E``,
-so the forward value is exactly the selected code while the gradient reaches every code (through the
-softmax over all of them) as well as the encoder. The product is computed without the hard one-hot:
-``z_q = E[idx] + soft E - sg(soft E)`` (same value, same gradient).
+*index*: ``one_hot = hard - sg(soft) + soft`` with ``soft = softmax(logits)``, and ``z_q = one_hot E``
+(the official code's ``IndexPropagationQuantize``). The forward value is exactly the selected code.
+Backward, with ``g = dL/dz_q``:
+
+- the codebook's *direct* gradient is ``one_hot^T g`` evaluated, i.e. ``hard^T g``: only selected codes;
+- ``dL/d soft = g E^T`` flows through the softmax into the logits ``z . E^T``, and from there into
+  *every* code (``dlogits^T z``) and into the encoder (``dlogits E``) - this is how IBQ trains
+  the whole codebook.
+
+The product is computed without the hard one-hot: ``z_q = E[idx] + (soft - sg(soft)) sg(E)``, which has
+the same value and exactly these gradients (``sg(E)`` keeps the soft path from adding a ``soft^T g``
+term to the codebook's direct gradient).
 
 Double quantization loss, as in the paper: ``||z_q - z||^2`` (through the index straight-through) +
 ``||sg(E[idx]) - z||^2`` + ``beta ||E[idx] - sg(z)||^2``; plus the optional entropy penalty on
@@ -72,7 +80,8 @@ class IndexBackpropQuantizer(Quantizer):
                     entropy = self.entropy_weight * (per_sample - batch)
                 else:
                     entropy = rows.new_zeros(())
-                soft_q = torch.softmax(logits, dim=1) @ codes
+                # Only the softmax carries the soft path's gradient; the codebook enters it detached.
+                soft_q = torch.softmax(logits, dim=1) @ codes.detach()
                 del logits
                 hard = codes.index_select(0, idx)
                 z_q = hard + (soft_q - soft_q.detach())

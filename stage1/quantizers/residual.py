@@ -1,29 +1,62 @@
 """Residual quantization (RQ-VAE, Lee et al. 2022; SoundStream, Zeghidour et al. 2021).
 
-Level ``l`` quantizes what the previous levels left over, ``r_l = z - sum_{j<l} q_j``, and the
+Level ``l`` quantizes what the previous levels left over, ``r_l = z - sg(sum_{j<l} q_j)``, and the
 quantized latent is ``sum_l q_l``; codes are ``(B, *grid, depth)``. Each level is any
 single-level quantizer built from a ``{target, params}`` spec (its ``dim`` is set to this
 quantizer's ``dim``), either one module shared by every level (RQ-VAE's shared codebook) or one
 per level (SoundStream/EnCodec).
 
-Gradients follow EnCodec/SoundStream: the residual handed to the next level subtracts the
-*detached* quantized value, and each level's own output (straight-through for VQ) is summed, so
-every level's parameters receive the reconstruction gradient.
+Gradients (RQ-VAE, EnCodec): **one** straight-through estimator on the sum,
+``z_q = z + sg(sum_l q_l - z)``, so ``dL/dz`` from the reconstruction is exactly ``dL/dz_q`` whatever
+the depth (per-level estimators would hand the encoder ``depth x`` that). Each level's own loss
+(its commitment ``||r_l - sg(q_l)||^2``, codebook and entropy terms) is computed on its own residual
+and reaches the encoder through it. Implementation: level outputs are summed as they are (so
+parameters that a level trains through its output - projections, IBQ/Gumbel codebooks - keep their
+gradients) and every level after the first subtracts ``r_l - sg(r_l)`` (value 0, gradient the
+identity), which removes the extra identity paths to the encoder; for straight-through levels (VQ
+and its variants) the result equals ``z + sg(sum q - z)`` in value and in ``dL/dz``. ``level_loss``
+sums the levels' losses (``"sum"``, SoundStream/EnCodec) or averages them (``"mean"``, RQ-VAE).
+
+Shared EMA codebook: the shared module is wrapped in its ``pooled_updates()`` block for the step, so
+every level looks codes up in the same codebook and the EMA (and running usage, dead-code restart)
+is updated **once** per training step with the counts and sums pooled over the levels.
 
 Quantizer dropout (SoundStream): in training, with probability ``dropout_prob`` a batch uses only
 the first ``n ~ U{1..depth}`` levels, so one model serves every bitrate. Codes of levels that a
-batch did not use are ``-1``; :meth:`ResidualQuantizer.decode` skips ``-1`` entries. Under DDP
-unused levels leave parameters without gradients, so use ``find_unused_parameters=True``
+batch did not use are ``-1``; :meth:`ResidualQuantizer.decode` skips ``-1`` entries, and
+``decode(codes, levels=d)`` is the partial sum of the first ``d`` levels (the bitrate-``d`` decode).
+Under DDP unused levels leave parameters without gradients, so use ``find_unused_parameters=True``
 (Lightning: ``strategy=ddp_find_unused_parameters_true``) together with dropout.
+
+Stats: ``usage_level{l}`` / ``perplexity_level{l}`` (and every other sub-quantizer stat) per level,
+``usage`` / ``perplexity`` as their mean, and with a shared codebook ``usage_codebook`` /
+``perplexity_codebook`` over the codes of all active levels pooled (how much of the one codebook
+the stack uses).
 
 ``level_scale`` (default 1) multiplies level ``l``'s input by ``level_scale**l`` and divides its
 output by the same factor; this is how residual FSQ/LFQ (fixed-range quantizers) keep resolving
 ever smaller residuals. Learned-codebook VQ does not need it.
+
+Configuring RQ-VAE (Lee et al. 2022): one shared EMA VQ codebook, losses averaged over depth,
+optionally quantizer dropout for several bitrates::
+
+    quantizer:
+      target: stage1.quantizers.residual.ResidualQuantizer
+      params:
+        depth: 4
+        shared_codebook: true        # one codebook tensor for every level
+        level_loss: mean             # RQ-VAE averages the per-depth commitment losses
+        dropout_prob: 0.0            # > 0: SoundStream quantizer dropout (one model, several bitrates)
+        quantizer:
+          target: stage1.quantizers.vq.VectorQuantizer
+          params: {codebook_size: 16384, codebook: ema, decay: 0.99, beta: 0.25,
+                   kmeans_init: false, restart_dead: false}   # both available with a shared codebook
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -39,7 +72,7 @@ def build_sub_quantizer(spec: Mapping[str, Any], dim: int, where: str) -> Quanti
     if "dim" in params and int(params["dim"]) != dim:
         raise ValueError(f"{where}: params.dim={params['dim']} but this quantizer sets it to {dim}; drop it")
     params.pop("dim", None)
-    quantizer = instantiate({**spec, "params": params}, where=where, dim=dim)
+    quantizer = instantiate({**spec, "params": params}, where=where, base=Quantizer, dim=dim)
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"{where}: {spec.get('target')!r} is not a Quantizer")
     if quantizer.depth is not None:
@@ -65,17 +98,21 @@ class ResidualQuantizer(Quantizer):
         shared_codebook: bool = False,
         dropout_prob: float = 0.0,
         level_scale: float = 1.0,
+        level_loss: str = "sum",
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if not 0.0 <= dropout_prob <= 1.0:
             raise ValueError(f"dropout_prob must lie in [0, 1], got {dropout_prob}")
+        if level_loss not in ("sum", "mean"):
+            raise ValueError(f"level_loss must be 'sum' or 'mean', got {level_loss!r}")
         self.dim = int(dim)
         self.depth = int(depth)
         self.shared_codebook = bool(shared_codebook)
         self.dropout_prob = float(dropout_prob)
         self.level_scale = float(level_scale)
+        self.level_loss = level_loss
         n_modules = 1 if self.shared_codebook else self.depth
         self.quantizers = nn.ModuleList(
             build_sub_quantizer(quantizer, self.dim, where=f"residual.quantizer[{i}]") for i in range(n_modules)
@@ -94,21 +131,38 @@ class ResidualQuantizer(Quantizer):
             return int(torch.randint(1, self.depth + 1, ()).item())
         return self.depth
 
+    def _step_context(self):
+        """A shared codebook with step-wise statistics (EMA, usage, restarts) updates once per step."""
+        shared = self.quantizers[0]
+        if self.shared_codebook and self.training and hasattr(shared, "pooled_updates"):
+            return shared.pooled_updates()
+        return nullcontext()
+
     def forward(self, z: Tensor) -> QuantizerOutput:
         n_active = self._active_levels()
         residual = z.float()
         z_q = torch.zeros_like(residual)
+        extra_paths = torch.zeros_like(residual)  # sum over levels >= 1 of (r_l - sg(r_l)): value 0
         loss = z.new_zeros((), dtype=torch.float32)
         codes, stats = [], {}
-        for i in range(n_active):
-            scale = self._scale(i)
-            out = self.level(i)(residual * scale if scale != 1.0 else residual)
-            q = out.z_q.float() / scale if scale != 1.0 else out.z_q.float()
-            z_q = z_q + q
-            residual = residual - q.detach()
-            loss = loss + out.loss.float()
-            codes.append(out.codes)
-            stats.update(suffixed_stats(out.stats, out.codes, self.codebook_size, f"_level{i}"))
+        with self._step_context():
+            for i in range(n_active):
+                scale = self._scale(i)
+                out = self.level(i)(residual * scale if scale != 1.0 else residual)
+                q = out.z_q.float() / scale if scale != 1.0 else out.z_q.float()
+                z_q = z_q + q
+                if i > 0:
+                    extra_paths = extra_paths + (residual - residual.detach())
+                residual = residual - q.detach()
+                loss = loss + out.loss.float()
+                codes.append(out.codes)
+                stats.update(suffixed_stats(out.stats, out.codes, self.codebook_size, f"_level{i}"))
+        # One straight-through estimator for the sum: drop the identity path each later level adds.
+        z_q = z_q - extra_paths
+        if self.level_loss == "mean":
+            loss = loss / n_active
+        if self.shared_codebook:
+            stats.update({f"{k}_codebook": v for k, v in usage_stats(torch.stack(codes), self.codebook_size).items()})
         unused = torch.full_like(codes[0], -1)
         codes.extend(unused for _ in range(self.depth - n_active))
         stats["usage"] = torch.stack([stats[f"usage_level{i}"] for i in range(n_active)]).mean()

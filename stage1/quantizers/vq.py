@@ -26,6 +26,9 @@ Distances are computed in fp32 (also under autocast) in the matmul form over row
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -190,7 +193,7 @@ class VectorQuantizer(Quantizer):
                 stats["entropy_batch"] = batch.detach()
             loss = loss + self._extra_loss(rows, codes_fp, idx, stats)
             if self.training:
-                self._update_stats(rows.detach(), idx, counts)
+                self._record_stats(rows.detach(), idx, counts)
         stats["commit_loss"] = commit.detach()
         return QuantizerOutput(self._rows_out(q, grid, z.dtype), idx.view(grid), loss, stats)
 
@@ -240,6 +243,37 @@ class VectorQuantizer(Quantizer):
         if self.use_ema:
             self.embed_avg.copy_(centroids * size.unsqueeze(1))
         self.initialized.fill_(True)
+
+    @contextmanager
+    def pooled_updates(self) -> Iterator[None]:
+        """Within this block, training forwards only collect their statistics (rows, codes, counts);
+        on leaving it, one :meth:`_update_stats` runs on the pooled statistics.
+
+        A residual stack sharing this quantizer across its levels (RQ-VAE) wraps its levels in this, so
+        the EMA codebook, the running usage and dead-code restart move once per training step with the
+        counts and sums of every level, and every level looks codes up in the same codebook.
+        """
+        if getattr(self, "_pending_stats", None) is not None:
+            raise RuntimeError("pooled_updates() blocks cannot be nested")
+        self._pending_stats: list[tuple[Tensor, Tensor, Tensor]] | None = []
+        try:
+            yield
+            pending = self._pending_stats
+        finally:
+            self._pending_stats = None
+        if pending:
+            rows = torch.cat([p[0] for p in pending])
+            idx = torch.cat([p[1] for p in pending])
+            counts = torch.stack([p[2] for p in pending]).sum(0)
+            self._update_stats(rows, idx, counts)
+
+    def _record_stats(self, rows: Tensor, idx: Tensor, counts_long: Tensor) -> None:
+        """Update now, or hold the statistics for the enclosing :meth:`pooled_updates` block."""
+        pending = getattr(self, "_pending_stats", None)
+        if pending is not None:
+            pending.append((rows, idx, counts_long))
+        else:
+            self._update_stats(rows, idx, counts_long)
 
     @torch.no_grad()
     def _update_stats(self, rows: Tensor, idx: Tensor, counts_long: Tensor) -> None:
