@@ -96,7 +96,7 @@ class TinyVQVAE(nn.Module):
             nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
             nn.Conv2d(width, dim, 1),
         )  # fmt: skip
-        self.quantizer: Quantizer = instantiate(quantizer, where="bench.quantizer", dim=dim)
+        self.quantizer: Quantizer = instantiate(quantizer, where="bench.quantizer", base=Quantizer, dim=dim)
         self.decoder = nn.Sequential(
             nn.Conv2d(dim, width, 3, 1, 1), nn.ReLU(),
             nn.ConvTranspose2d(width, width // 2, 4, 2, 1), nn.ReLU(),

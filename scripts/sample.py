@@ -1,15 +1,8 @@
 #!/usr/bin/env python
 """Sample from a prior: ``python scripts/sample.py runs/ar/checkpoints/last.ckpt -n 64 [--class 3]``."""
 
-import os
-import sys
+import _checkout  # noqa: F401  (first: this checkout's packages, the stdlib's tokenize; see scripts/_checkout.py)
 
-# scripts/tokenize.py shares its name with the standard library's `tokenize` (imported by inspect,
-# linecache, ...); with this folder first on sys.path every script would import it by mistake.
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+from tokenforge.cli import main
 
-from tokenforge.cli import run  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(run("sample", sys.argv[1:]))
+main("sample")

@@ -8,21 +8,14 @@ Prints the test accuracy and writes the checkpoint atomically; ``metrics.fid.dom
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
 
-# scripts/tokenize.py shares its name with the standard library's `tokenize`; with this folder first
-# on sys.path (as when run as a script) importing torch would pick it up. Same guard as scripts/train.py.
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import _checkout  # noqa: F401  (first: this checkout's packages, the stdlib's tokenize)
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from metrics.domain_classifier import train_domain_classifier  # noqa: E402
+from metrics.domain_classifier import train_domain_classifier
 
 
 def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,17 +10,42 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from tokenforge.images import save_grid, save_usage_histogram
+from modalities import modality_of
+from stage1.tokenizer import CHECKPOINT_KEY
+from tokenforge.usage_plot import save_usage_histogram
 
 
 class RunMetadata(pl.Callback):
-    """Stores the resolved config in every checkpoint, so ``evaluate``/``sample`` need nothing else."""
+    """Stores the resolved config in every checkpoint, so ``evaluate``/``sample`` need nothing else.
 
-    def __init__(self, config: dict[str, Any]):
+    For a prior it also records its tokenizer as ``{"path", "sha256"}`` with the path relative to
+    ``checkpoint_dir``, so the run loader resolves it next to the checkpoint (and checks the hash)
+    instead of trusting a path that was relative to some earlier working directory.
+    """
+
+    def __init__(self, config: dict[str, Any], checkpoint_dir: str | Path | None = None):
         self.config = config
+        self.checkpoint_dir = checkpoint_dir
+        self.tokenizer: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.checkpoint_dir is None or getattr(pl_module, "kind", None) != "prior":
+            return
+        from data.codes import sha256_file
+        from tokenforge.runs import relative_tokenizer_record
+
+        dm = trainer.datamodule
+        path = getattr(dm, "tokenizer_path", None) or getattr(pl_module, "tokenizer_path", None)
+        sha = getattr(dm, "tokenizer_sha256", None)
+        if path and not sha and Path(path).is_file():
+            sha = sha256_file(path)  # once per run: a tokenizer named in the config, not a code folder
+        self.tokenizer = relative_tokenizer_record(path, sha, self.checkpoint_dir)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint.setdefault("tokenforge", {})["config"] = self.config
+        meta = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        meta["config"] = self.config
+        if self.tokenizer is not None:
+            meta["tokenizer"] = self.tokenizer
 
 
 class SaveOnInterrupt(pl.Callback):
@@ -101,7 +126,8 @@ class ReconstructionGrid(pl.Callback):
             xrec = pl_module.decode(pl_module.encode(x)).clamp(-1, 1)
         pl_module.train(was_training)
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "images")
-        path = save_grid(torch.cat([x, xrec]).cpu(), out / f"recon_step{step:07d}.png", nrow=len(x))
+        path = modality_of(pl_module.code_spec).save_reconstructions(x.cpu(), xrec.cpu(),
+                                                                     out / f"recon_step{step:07d}.png")
         _log_image(trainer, "reconstructions", path, step)
 
 

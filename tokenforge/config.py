@@ -11,7 +11,10 @@ with the key's path and the valid names rather than after an hour of training.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from layers.instantiate import ConfigError, check_params, resolve_target
+from layers.instantiate import Base, ConfigError, check_params, check_spec
 
 TOP_LEVEL_KEYS = {
     "model": "the model spec {target, params}",
@@ -48,7 +51,8 @@ def _missing_path_message(cfg: DictConfig, path: str) -> str:
     return f"{path!r} does not exist in the config"
 
 
-def _merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``key.path=value`` overrides; a new key is only accepted under ``params`` or ``trainer``."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -88,7 +92,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = OmegaConf.load(path)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a mapping with sections {', '.join(TOP_LEVEL_KEYS)}")
-    cfg = _merge_overrides(cfg, overrides)
+    cfg = merge_overrides(cfg, overrides)
     validate_config(cfg)
     return cfg
 
@@ -98,6 +102,51 @@ def to_plain(cfg: Any) -> Any:
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     return cfg
+
+
+# The train command sets these itself; a config value would silently fight it (or, for ``logger`` and
+# ``callbacks``, instantiate objects outside the checks below). ``model_registry`` uploads checkpoints.
+RESERVED_TRAINER_KEYS = {
+    "default_root_dir": "the run folder is --runs/--name",
+    "callbacks": "use the top-level `callbacks:` list of {target, params} specs",
+    "logger": "CSV and TensorBoard logs are always written under the run folder's logs/",
+    "model_registry": "it uploads checkpoints to a remote registry; tokenforge runs offline",
+}
+
+
+# Callback parameters that name a file or folder it writes (ours: out_dir; Lightning's: dirpath, filename).
+PATH_PARAM = re.compile(r"(^|_)(dir|dirpath|path|file|filename|root|folder)$")
+
+
+class PathNotAllowedError(ConfigError):
+    """A path parameter points outside the folder it is confined to."""
+
+
+def confine_paths(params: Mapping[str, Any], root: str | Path, where: str) -> dict[str, Any]:
+    """Keep every path-like parameter of a callback inside ``root`` (the run folder).
+
+    Relative paths are taken relative to ``root`` (``filename`` stays relative: Lightning joins it to
+    ``dirpath``); absolute paths, ``~`` and ``..`` are refused, so a config cannot make training write
+    into, say, ``site-packages``.
+    """
+    out = dict(params)
+    for key, value in params.items():
+        if not (isinstance(value, str) and PATH_PARAM.search(key)):
+            continue
+        path = Path(value)
+        if path.is_absolute() or value.startswith("~") or ".." in path.parts:
+            raise PathNotAllowedError(f"{where}.params.{key}={value!r}: files a callback writes stay inside the run "
+                                      f"folder ({root}); give a path relative to it without '..'")
+        if key not in ("file", "filename"):
+            out[key] = str(Path(root) / path)
+    return out
+
+
+def section_bases() -> dict[str, Base]:
+    """The class every top-level section's target must derive from."""
+    import pytorch_lightning as pl
+
+    return {"model": pl.LightningModule, "data": pl.LightningDataModule, "callbacks": pl.Callback}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -117,36 +166,109 @@ def validate_config(cfg: DictConfig) -> None:
         key = missing.group(1) if missing else getattr(err, "full_key", "key")
         raise ConfigError(f"config value {key!r} is missing or unresolvable ({str(err).splitlines()[0]}). "
                           f"Set it on the command line, e.g. {key}=...") from err
-    check_spec_tree(plain["model"], "model")
-    check_spec_tree(plain["data"], "data")
-    for i, cb in enumerate(plain.get("callbacks") or []):
-        check_spec_tree(cb, f"callbacks[{i}]")
+    validate_plain(plain)
+
+
+def validate_plain(plain: Mapping[str, Any]) -> None:
+    """The checks of :func:`validate_config` on a plain dict (as stored in a checkpoint)."""
+    bases = section_bases()
+    check_spec_tree(plain["model"], "model", bases["model"])
+    check_spec_tree(plain["data"], "data", bases["data"])
+    callbacks = plain.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        raise ConfigError("'callbacks' must be a list of {target, params} specs")
+    for i, cb in enumerate(callbacks):
+        check_spec_tree(cb, f"callbacks[{i}]", bases["callbacks"])
     trainer = plain.get("trainer") or {}
     if not isinstance(trainer, Mapping):
         raise ConfigError("'trainer' must be a mapping of pytorch_lightning.Trainer keyword arguments")
+    check_trainer_kwargs(trainer)
+
+
+def check_trainer_kwargs(trainer: Mapping[str, Any]) -> None:
+    """Refuse reserved keys, unknown keys and values of the wrong type (``max_steps=abc``)."""
     import pytorch_lightning as pl
 
+    for key in trainer:
+        if key in RESERVED_TRAINER_KEYS:
+            raise ConfigError(f"trainer.{key} cannot be set in a config: {RESERVED_TRAINER_KEYS[key]}")
     check_params(pl.Trainer.__init__, trainer, "trainer")
+    signature = inspect.signature(pl.Trainer.__init__, eval_str=True)
+    for key, value in trainer.items():
+        accepted = _plain_types(signature.parameters[key].annotation)
+        if accepted is not None and not _matches(value, accepted):
+            shown = " | ".join(sorted({a if isinstance(a, str) else repr(a) for a in _describe(accepted)}))
+            raise ConfigError(f"trainer.{key}={value!r} has the wrong type: expected {shown}")
 
 
-def check_spec_tree(node: Any, where: str) -> None:
-    """Recursively validate every ``{target, params}`` mapping inside ``node``."""
+def _plain_types(annotation: Any) -> list[Any] | None:
+    """Plain types and literal values a config can give for ``annotation``; None when unknown."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or isinstance(annotation, types.UnionType):
+        out: list[Any] = []
+        for arg in typing.get_args(annotation):
+            sub = _plain_types(arg)
+            if sub:
+                out += sub
+        return out or None
+    if origin is typing.Literal:
+        return [("literal", v) for v in typing.get_args(annotation)]
+    if annotation is type(None):
+        return [type(None)]
+    if annotation in (int, float, str, bool):
+        return [annotation]
+    if origin in (list, dict) or annotation in (list, dict):
+        return [origin or annotation]
+    return []  # a class a config cannot express (Accelerator, Strategy, ...)
+
+
+def _matches(value: Any, accepted: list[Any]) -> bool:
+    for a in accepted:
+        if isinstance(a, tuple):
+            if value == a[1] and type(value) is type(a[1]):
+                return True
+        elif a is bool:
+            if isinstance(value, bool):
+                return True
+        elif a is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif a is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, a):
+            return True
+    return False
+
+
+def _describe(accepted: list[Any]) -> list[Any]:
+    return [repr(a[1]) if isinstance(a, tuple) else ("None" if a is type(None) else a.__name__) for a in accepted]
+
+
+def check_spec_tree(node: Any, where: str, base: Base | None = None) -> None:
+    """Recursively validate every ``{target, params}`` mapping inside ``node``.
+
+    ``base`` is what the top-level spec must derive from; nested specs (quantizers, FFNs, routers)
+    must be ``nn.Module`` classes, and the code that builds them checks its own, narrower base again.
+    """
     if isinstance(node, Mapping):
         if "target" in node:
-            unknown = set(node) - {"target", "params"}
-            if unknown:
-                raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; a component spec has only "
-                                  "'target' and 'params'")
-            fn = resolve_target(node["target"])
-            params = node.get("params") or {}
-            if not isinstance(params, Mapping):
-                raise ConfigError(f"{where}.params must be a mapping, got {type(params).__name__}")
-            check_params(fn, params, f"{where}.params")
+            cls, params = check_spec(node, where, base) if base is not None else check_spec(node, where)
+            check_params(cls, params, f"{where}.params")
             for k, v in params.items():
                 check_spec_tree(v, f"{where}.params.{k}")
         else:
+            if base is not None:
+                raise ConfigError(f"{where}: expected a component spec {{target, params}}, got keys {sorted(node)}")
             for k, v in node.items():
                 check_spec_tree(v, f"{where}.{k}")
     elif isinstance(node, list):
         for i, v in enumerate(node):
             check_spec_tree(v, f"{where}[{i}]")
+    elif base is not None:
+        raise ConfigError(f"{where}: expected a component spec {{target, params}}, got {type(node).__name__}")
+
+
+_merge_overrides = merge_overrides  # transitional alias for callers not yet updated (evaluate.py)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,8 +26,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from data.atomic import atomic_write_text
 from layers.instantiate import ConfigError, instantiate
+from stage1.tokenizer import CorruptCheckpointError, load_checkpoint_file
 from tokenforge.callbacks import RunMetadata, SaveOnInterrupt
-from tokenforge.config import load_config, to_plain
+from tokenforge.checkpoint_io import AtomicCheckpointIO
+from tokenforge.config import confine_paths, load_config, section_bases, to_plain
+from tokenforge.run_lock import RunLock, lock_holder
 
 
 class _DropTips(logging.Filter):
@@ -57,14 +62,18 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
     ckpt_dir = run_dir / "checkpoints"
     every = int(cfg.get("checkpoint_every_n_steps") or 200)
     callbacks: list[pl.Callback] = [
+        # No version counter: "last" is one file that every save (periodic, interrupt, final)
+        # overwrites, never a second last-v1.ckpt next to it.
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=every,
-                        save_on_train_epoch_end=True),
-        RunMetadata(cfg),
+                        save_on_train_epoch_end=True, enable_version_counter=False),
+        RunMetadata(cfg, checkpoint_dir=ckpt_dir),
         SaveOnInterrupt(ckpt_dir / "last.ckpt"),
         *extra_callbacks,
     ]
     for i, spec in enumerate(cfg.get("callbacks") or []):
-        callbacks.append(instantiate(spec, where=f"callbacks[{i}]"))
+        where = f"callbacks[{i}]"
+        params = confine_paths(spec.get("params") or {}, run_dir, where)
+        callbacks.append(instantiate({**spec, "params": params}, where=where, base=section_bases()["callbacks"]))
     # Lightning's CSV logger deletes an existing metrics.csv, so a resumed run writes logs/csv-resumeN/.
     csv_version, n = "csv", 0
     while (run_dir / "logs" / csv_version / "metrics.csv").exists():
@@ -74,22 +83,59 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
                TensorBoardLogger(run_dir, name="logs", version="tb")]
     kwargs = dict(cfg.get("trainer") or {})
     kwargs.setdefault("log_every_n_steps", 10)
-    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, **kwargs)
+    plugins = kwargs.pop("plugins", None)
+    plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, list) else [plugins])
+    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                      plugins=[*plugins, AtomicCheckpointIO()], **kwargs)
 
 
-def check_resumable(last: Path, model: pl.LightningModule) -> None:
+def check_resumable(saved: dict[str, Any], last: Path, model: pl.LightningModule) -> None:
     """Refuse, with the fix, to resume a run whose checkpoint belongs to a differently shaped model."""
-    import torch
-
-    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    state = saved.get("state_dict", {})
     current = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(current[k].shape)} now"
-             for k, v in saved.items() if k in current and tuple(v.shape) != tuple(current[k].shape)]
-    missing = sorted(set(current) ^ set(saved))
+             for k, v in state.items() if k in current and tuple(v.shape) != tuple(current[k].shape)]
+    missing = sorted(set(current) ^ set(state))
     if wrong or missing:
         detail = wrong[0] if wrong else f"parameter {missing[0]!r} exists in only one of them"
         raise ConfigError(f"{last} was trained with a different model config ({detail}); "
                           "pass --fresh to start over (the old run is moved aside) or --name NEW for a separate run")
+
+
+def resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from: ``last.ckpt``, or when that is damaged the newest intact one.
+
+    Returns None for a run without checkpoints; raises :class:`CorruptCheckpointError` naming
+    ``--fresh`` when there are checkpoints but none can be read.
+    """
+    last = ckpt_dir / "last.ckpt"
+    if not last.is_file():
+        return None
+    try:
+        return last, load_checkpoint_file(last, mmap=True)
+    except CorruptCheckpointError as err:
+        problem = str(err)
+    others = sorted((p for p in ckpt_dir.glob("*.ckpt") if p != last and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in others:
+        try:
+            saved = load_checkpoint_file(other, mmap=True)
+        except CorruptCheckpointError:
+            continue
+        if "state_dict" in saved and "global_step" in saved:
+            rank_zero_warn(f"{problem}; resuming from the newest intact checkpoint {other} instead")
+            return other, saved
+    raise CorruptCheckpointError(f"cannot resume: {problem}, and there is no other intact checkpoint in {ckpt_dir}. "
+                                 "Pass --fresh to start over (the old run folder is moved aside, never deleted)")
+
+
+def _is_global_zero_process() -> bool:
+    """Before a Trainer exists: False in the processes Lightning or torchrun start for ranks > 0."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _holds_checkpoints(run_dir: Path) -> bool:
+    return any(run_dir.glob("checkpoints/*.ckpt"))
 
 
 def main(argv: Sequence[str] | None = None) -> pl.Trainer:
@@ -99,27 +145,53 @@ def main(argv: Sequence[str] | None = None) -> pl.Trainer:
     cfg = to_plain(cfg_node)
     name = args.name or Path(args.config).stem
     run_dir = Path(args.runs) / name
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if args.fresh and run_dir.exists():
+    rank_zero = _is_global_zero_process()
+    if rank_zero and args.fresh and run_dir.exists():
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise ConfigError(f"--fresh: {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')}; "
+                              "it cannot be moved aside while that run is active")
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
         rank_zero_info(f"--fresh: moved the previous run to {aside}")
-    resume = last.is_file()
-    saved = run_dir / "config.yaml"
-    if resume and saved.is_file() and OmegaConf.to_container(OmegaConf.load(saved)) != cfg:
-        rank_zero_warn(f"{saved} differs from the config given now; resuming with the new one. "
+    created = not run_dir.exists()
+    lock = RunLock(run_dir)
+    if rank_zero:
+        lock.acquire()
+    try:
+        return _train(cfg, run_dir, rank_zero)
+    except BaseException:
+        # A start that failed before anything worth keeping was written leaves no folder behind.
+        if rank_zero and created and not _holds_checkpoints(run_dir):
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    found = resume_checkpoint(ckpt_dir)
+    saved_cfg = run_dir / "config.yaml"
+    if found and saved_cfg.is_file() and OmegaConf.to_container(OmegaConf.load(saved_cfg)) != cfg:
+        rank_zero_warn(f"{saved_cfg} differs from the config given now; resuming with the new one. "
                        "Use --fresh or --name to start a separate run.")
 
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    datamodule = instantiate(cfg["data"], where="data")
-    model = instantiate(cfg["model"], where="model")
+    bases = section_bases()
+    datamodule = instantiate(cfg["data"], where="data", base=bases["data"])
+    model = instantiate(cfg["model"], where="model", base=bases["model"])
+    if found:
+        resume_from, saved = found
+        check_resumable(saved, resume_from, model)
+        del saved
+        rank_zero_info(f"resuming from {resume_from}")
     trainer = build_trainer(cfg, run_dir)
-    if trainer.is_global_zero:
-        atomic_write_text(saved, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    if resume:
-        check_resumable(last, model)
-        rank_zero_info(f"resuming from {last}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
+    if rank_zero:  # only after the resume check: a refused resume leaves the run's config untouched
+        atomic_write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(found[0]) if found else None, weights_only=True)
     if not trainer.interrupted:
         trainer.save_checkpoint(last, weights_only=False)
     rank_zero_info(f"run folder: {run_dir}  (checkpoint: {last})")
