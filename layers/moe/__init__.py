@@ -6,13 +6,16 @@ router: {target: layers.moe.TopKRouter, params: {balance_weight: 0.01}}}}``.
 Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``router_losses.py``
 (losses and statistics routers share), ``routers.py`` (sparse routers), ``top_any.py`` (DynMoE),
 ``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py`` (dispatch,
-MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE).
+MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE),
+``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts).
 """
 
 from .contract import Routing
 from .deepseek import DeepSeekMoE
 from .experts import StackedExperts
 from .layer import ConvMoE, MoE, SharedExperts, build_router
+from .multi_head import MultiHeadMoE
+from .peer import PEER
 from .router_losses import balance_loss, z_loss
 from .routers import (
     AuxFreeRouter,
@@ -28,7 +31,8 @@ from .top_any import TopAnyRouter
 from .upcycle import upcycle_ffn, upcycle_transformer
 
 __all__ = [
-    "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter", "ReLURouter", "Router",
-    "Routing", "SharedExperts", "SoftMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter",
-    "balance_loss", "build_router", "link_gating_residuals", "upcycle_ffn", "upcycle_transformer", "z_loss",
+    "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter",
+    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter",
+    "StackedExperts", "TopAnyRouter", "TopKRouter", "balance_loss", "build_router", "link_gating_residuals",
+    "upcycle_ffn", "upcycle_transformer", "z_loss",
 ]
