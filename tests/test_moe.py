@@ -20,7 +20,8 @@ from layers.moe import (
 )
 
 D, E = 16, 4
-SPARSE = ["TopKRouter", "AuxFreeRouter", "ExpertChoiceRouter", "ReLURouter", "TopAnyRouter", "MoEPlusPlusRouter"]
+SPARSE = ["TopKRouter", "AuxFreeRouter", "ExpertChoiceRouter", "ReLURouter", "TopAnyRouter", "MoEPlusPlusRouter",
+          "SparseMixerRouter"]
 ALL = SPARSE + ["SoftMoERouter"]
 
 

@@ -7,7 +7,8 @@ Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``route
 (losses and statistics routers share), ``routers.py`` (sparse routers), ``top_any.py`` (DynMoE),
 ``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py`` (dispatch,
 MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE),
-``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts).
+``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts),
+``sparsemixer.py`` (GRIN's SparseMixer-v2 router).
 """
 
 from .contract import Routing
@@ -27,12 +28,13 @@ from .routers import (
     link_gating_residuals,
 )
 from .soft import SoftMoERouter
+from .sparsemixer import SparseMixerRouter
 from .top_any import TopAnyRouter
 from .upcycle import upcycle_ffn, upcycle_transformer
 
 __all__ = [
     "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter",
-    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter",
+    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter", "SparseMixerRouter",
     "StackedExperts", "TopAnyRouter", "TopKRouter", "balance_loss", "build_router", "link_gating_residuals",
     "upcycle_ffn", "upcycle_transformer", "z_loss",
 ]
