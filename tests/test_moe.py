@@ -21,7 +21,7 @@ from layers.moe import (
 
 D, E = 16, 4
 SPARSE = ["TopKRouter", "AuxFreeRouter", "ExpertChoiceRouter", "ReLURouter", "TopAnyRouter", "MoEPlusPlusRouter",
-          "SparseMixerRouter"]
+          "SparseMixerRouter", "StableMoERouter"]
 ALL = SPARSE + ["SoftMoERouter"]
 
 

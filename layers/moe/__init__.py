@@ -8,7 +8,8 @@ Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``route
 ``soft.py`` (Soft MoE), ``experts.py`` (stacked experts, grouped matmul), ``layer.py`` (dispatch,
 MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE),
 ``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts),
-``sparsemixer.py`` (GRIN's SparseMixer-v2 router).
+``sparsemixer.py`` (GRIN's SparseMixer-v2 router),
+``stable.py`` (StableMoE's two-stage routing).
 """
 
 from .contract import Routing
@@ -29,12 +30,13 @@ from .routers import (
 )
 from .soft import SoftMoERouter
 from .sparsemixer import SparseMixerRouter
+from .stable import StableMoERouter
 from .top_any import TopAnyRouter
 from .upcycle import upcycle_ffn, upcycle_transformer
 
 __all__ = [
     "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter",
-    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter", "SparseMixerRouter",
-    "StackedExperts", "TopAnyRouter", "TopKRouter", "balance_loss", "build_router", "link_gating_residuals",
-    "upcycle_ffn", "upcycle_transformer", "z_loss",
+    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter",
+    "SparseMixerRouter", "StableMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter", "balance_loss",
+    "build_router", "link_gating_residuals", "upcycle_ffn", "upcycle_transformer", "z_loss",
 ]
