@@ -9,9 +9,10 @@ Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``route
 MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE),
 ``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts),
 ``sparsemixer.py`` (GRIN's SparseMixer-v2 router),
-``stable.py`` (StableMoE's two-stage routing).
+``stable.py`` (StableMoE's two-stage routing), ``attention_heads.py`` (MoA: experts in attention).
 """
 
+from .attention_heads import MixtureOfAttentionHeads
 from .contract import Routing
 from .deepseek import DeepSeekMoE
 from .experts import StackedExperts
@@ -35,8 +36,8 @@ from .top_any import TopAnyRouter
 from .upcycle import upcycle_ffn, upcycle_transformer
 
 __all__ = [
-    "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MoE", "MoEPlusPlusRouter",
-    "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts", "SoftMoERouter",
-    "SparseMixerRouter", "StableMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter", "balance_loss",
-    "build_router", "link_gating_residuals", "upcycle_ffn", "upcycle_transformer", "z_loss",
+    "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MixtureOfAttentionHeads", "MoE",
+    "MoEPlusPlusRouter", "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts",
+    "SoftMoERouter", "SparseMixerRouter", "StableMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter",
+    "balance_loss", "build_router", "link_gating_residuals", "upcycle_ffn", "upcycle_transformer", "z_loss",
 ]
