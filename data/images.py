@@ -4,22 +4,21 @@ The whole dataset stays in memory as one uint8 tensor (N, C, H, W); a batch is g
 converted to float in one vectorised step (``__getitems__`` + a collate), which is far faster than
 converting image by image and keeps worker processes optional. Batches are
 ``{"x": float (B, C, H, W) in [-1, 1], "label": long (B,)}`` (``label`` only when the data has labels);
-the unshuffled loaders used for tokenizing also carry ``"index"``: each item's position in its split,
-so writers can place codes even when a distributed sampler pads or interleaves.
+the split views and loaders come from :class:`data.split.SplitDataModule`.
 """
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from data.image_array import ImageArrayDataset, to_unit_range
+from data.split import SPLITS, SplitDataModule, SplitDataset, seeded_subset
 
 DATASETS = ("fashion_mnist", "emoji", "folder")
 NATIVE_SIZE = {"fashion_mnist": 28, "emoji": 64, "folder": 64}
-SPLITS = ("train", "val")
 # ITU-R BT.601 luma weights, as PIL's convert("L") uses.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -38,32 +37,6 @@ def _to_grey_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) uint8 → (N, 1, H, W) uint8 luma."""
     w = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
     return (images.to(torch.float32) * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
-
-
-class SplitDataset(Dataset):
-    """A view of the in-memory uint8 images through an index list; batches are fetched whole."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor,
-                 with_index: bool = False, source_indices: torch.Tensor | None = None) -> None:
-        self.images, self.labels, self.indices, self.with_index = images, labels, indices, with_index
-        # Positions in the original dataset (its file order), for reporting which items a split holds.
-        self.source_indices = indices if source_indices is None else source_indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        pos = torch.as_tensor(positions, dtype=torch.long)
-        idx = self.indices[pos]
-        batch = {"x": self.images[idx]}
-        if self.labels is not None:
-            batch["label"] = self.labels[idx]
-        if self.with_index:
-            batch["index"] = pos
-        return batch
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([position]).items()}
 
 
 class ToFloat:
@@ -87,7 +60,7 @@ class ToFloat:
         return {**batch, "x": x}
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(SplitDataModule):
     """Images from ``fashion_mnist``, ``emoji`` or a ``folder``.
 
     ``root`` overrides a built-in dataset's file location, or names the image folder for ``folder``.
@@ -136,7 +109,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_shape: tuple[int, int, int] | None = None
         self.num_classes: int | None = None
         self.classes: list[str] | None = None
-        self._splits: dict[str, SplitDataset] = {}
 
     # -- loading ---------------------------------------------------------------------------------
     def _load(self) -> list[ImageArrayDataset]:
@@ -171,11 +143,7 @@ class ImageDataModule(pl.LightningDataModule):
         return images, labels
 
     def _subset(self, indices: torch.Tensor, limit: int | None, salt: int) -> torch.Tensor:
-        if limit is None or limit >= len(indices):
-            return indices
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
-        chosen = indices[torch.randperm(len(indices), generator=g)[:limit]]
-        return chosen.sort().values
+        return seeded_subset(indices, limit, self.seed * 1_000_003 + salt)
 
     def _split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted (train, val) indices of a dataset without an official split, by a seeded permutation."""
@@ -210,42 +178,10 @@ class ImageDataModule(pl.LightningDataModule):
             images, labels, used = prepared[id(ds)]
             local = torch.searchsorted(used, indices[split])
             self._splits[split] = SplitDataset(images, labels, local, source_indices=indices[split])
-        self.image_shape = (self.channels or self._splits["train"].images.shape[1], self.size, self.size)
+        self.image_shape = (self.channels or self._splits["train"].items.shape[1], self.size, self.size)
         self.num_classes = datasets[0].num_classes
         self.classes = datasets[0].classes
 
     # -- loaders ---------------------------------------------------------------------------------
-    def split_dataset(self, split: str, with_index: bool = False) -> SplitDataset:
-        """The ``train`` or ``val`` split as a dataset (after ``setup()``)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if not self._splits:
-            self.setup()
-        ds = self._splits[split]
-        return SplitDataset(ds.images, ds.labels, ds.indices, with_index=with_index,
-                            source_indices=ds.source_indices)
-
-    def _loader(self, split: str, shuffle: bool, hflip: bool, with_index: bool = False) -> DataLoader:
-        ds = self.split_dataset(split, with_index=with_index)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=ToFloat(self.image_shape[0], hflip=hflip), generator=generator,
-            persistent_workers=self.num_workers > 0, drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, hflip=self.hflip)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if len(self.split_dataset("val")) == 0:
-            return []  # val_fraction=0: Lightning skips validation for an empty list
-        return self._loader("val", shuffle=False, hflip=False)
-
-    def split_dataloader(self, split: str) -> DataLoader:
-        """Unshuffled, unaugmented iteration over one split (for tokenizing); batches carry ``index``."""
-        return self._loader(split, shuffle=False, hflip=False, with_index=True)
-
-    def predict_dataloader(self) -> list[DataLoader]:
-        """``[train, val]`` unshuffled, in ``SPLITS`` order: ``dataloader_idx`` 0 is train, 1 is val."""
-        return [self.split_dataloader(s) for s in SPLITS]
+    def collate(self, augment: bool) -> Callable:
+        return ToFloat(self.image_shape[0], hflip=augment and self.hflip)

@@ -14,18 +14,23 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-def _histogram_stats(counts: Tensor) -> dict[str, Tensor]:
-    """Usage, perplexity, dead codes and entropy (bits) of one count vector ``(K,)``."""
-    counts = counts.to(torch.float64)
+def histogram_stats(counts: Tensor, codebook_size: int | None = None) -> dict[str, Tensor]:
+    """Usage, perplexity, dead codes and entropy (bits) of a code histogram: the one place these are computed.
+
+    ``counts`` is the full histogram ``(K,)``, or only the non-zero counts of a codebook too large to
+    histogram densely (then pass ``codebook_size``; unused codes add nothing to the entropy).
+    """
+    counts = counts.detach().to(torch.float64)
+    size = counts.numel() if codebook_size is None else int(codebook_size)
     total = counts.sum()
     probs = counts / total.clamp_min(1.0)
     # 0 * log 0 is taken as 0: unused codes contribute nothing to the entropy.
     entropy_nats = (-(probs * torch.log(probs.clamp_min(1e-300))).sum()).clamp_min(0.0)
     used = (counts > 0).sum()
     return {
-        "usage": used.float() / counts.numel(),
+        "usage": used.float() / size,
         "perplexity": entropy_nats.exp().float(),
-        "dead_codes": (counts.numel() - used).long(),
+        "dead_codes": (size - used).long(),
         "entropy_bits": (entropy_nats / math.log(2.0)).float(),
     }
 
@@ -100,10 +105,10 @@ class CodebookUsage(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         counts = self.counts_state
-        out = _histogram_stats(counts.sum(0))
+        out = histogram_stats(counts.sum(0))
         if self.depth is not None and self.depth > 1:
             for i in range(self.depth):
-                for key, value in _histogram_stats(counts[i]).items():
+                for key, value in histogram_stats(counts[i]).items():
                     out[f"{key}_level{i}"] = value
         return out
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
-from metrics.reconstruction import ReconstructionMetrics
+from modalities import get_modality
 from stage1.ema import ParameterEMA
 from stage1.networks import Decoder, Encoder, collect_aux
 from stage1.quantizers.base import Quantizer, QuantizerOutput
@@ -49,23 +49,36 @@ class QuantizedAutoencoder(Tokenizer):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         ema_decay: float | None = None,
+        modality: str = "image",
+        layout: dict[str, Any] | None = None,
     ):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
-        self.encoder = Encoder(**encoder)
-        dec_cfg = dict(encoder) if decoder is None else dict(decoder)
-        if decoder is None:  # mirror the encoder
-            dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
-        self.decoder = Decoder(**dec_cfg)
-        self.dims = int(encoder.get("dims", 2))
-        z_channels = int(encoder.get("z_channels", 64))
+        if "target" in encoder:
+            # A network class of its own (e.g. diffusers' blocks in stage1.diffusers_blocks): both
+            # halves are named explicitly, since a decoder cannot be derived from another class.
+            if decoder is None or "target" not in decoder:
+                raise ValueError("model.params.encoder names a target, so model.params.decoder must name one too "
+                                 "(e.g. stage1.diffusers_blocks.DiffusersDecoder)")
+            self.encoder = instantiate(encoder, where="model.params.encoder", base=nn.Module)
+            self.decoder = instantiate(decoder, where="model.params.decoder", base=nn.Module)
+            enc_params, dec_cfg = dict(encoder.get("params") or {}), dict(decoder.get("params") or {})
+        else:
+            enc_params = dict(encoder)
+            self.encoder = Encoder(**encoder)
+            dec_cfg = dict(encoder) if decoder is None else dict(decoder)
+            if decoder is None:  # mirror the encoder
+                dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
+            self.decoder = Decoder(**dec_cfg)
+        self.dims = int(enc_params.get("dims", 2))
+        z_channels = int(enc_params.get("z_channels", 64))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.dims]
         self.quant_conv = conv(z_channels, embed_dim, 1)
         self.post_quant_conv = conv(embed_dim, int(dec_cfg.get("z_channels", z_channels)), 1)
         qspec = dict(quantizer)
         qspec["params"] = {"dim": embed_dim, **(quantizer.get("params") or {})}
-        self.quantizer: Quantizer = instantiate(qspec, where="model.params.quantizer")
+        self.quantizer: Quantizer = instantiate(qspec, where="model.params.quantizer", base=Quantizer)
         self.resolution = _as_list(resolution, self.dims)
         factor = self.encoder.downsample_factor
         if any(r % factor for r in self.resolution):
@@ -75,14 +88,24 @@ class QuantizedAutoencoder(Tokenizer):
         self.ema = ParameterEMA(self._ema_target(), ema_decay) if ema_decay else None
         depth = getattr(self.quantizer, "depth", None)
         self.val_usage = CodebookUsage(self.quantizer.codebook_size, depth=depth)
-        # PSNR/SSIM are image metrics; 1-D signals report the reconstruction loss only.
-        self.val_recon = ReconstructionMetrics() if self.dims == 2 else None
+        # The modality (from the config, recorded in the code spec) owns the data-specific parts:
+        # extra losses, validation metrics, how reconstructions are drawn.
+        self.modality = get_modality(modality)
+        self.layout = {"channels": int(enc_params.get("in_channels", 3)), "shape": list(self.resolution),
+                       **(layout or {})}
+        self.out_channels = int(dec_cfg.get("out_channels", self.layout["channels"]))
+        self.val_recon = self.modality.validation_metrics()
 
     # ----------------------------------------------------------------------------------- contract
     @property
     def code_spec(self) -> dict[str, Any]:
-        return {"grid": list(self.grid), "depth": getattr(self.quantizer, "depth", None),
-                "codebook_size": int(self.quantizer.codebook_size), "continuous_dim": None}
+        """What stage two and the commands read: the modality and data layout, the code grid, the
+        codebook, and what the decoder outputs (``(channels, *shape)`` in [-1, 1])."""
+        return {"modality": self.modality.name, "layout": dict(self.layout), "grid": list(self.grid),
+                "depth": getattr(self.quantizer, "depth", None), "codebook_size": int(self.quantizer.codebook_size),
+                "continuous_dim": None,
+                "decoder_output": {"channels": self.out_channels,
+                                   "shape": list(self.resolution), "range": [-1.0, 1.0]}}
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -92,11 +115,17 @@ class QuantizedAutoencoder(Tokenizer):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         with self._eval_weights():
-            return self.decoder(self.post_quant_conv(self.quantizer.decode(codes)))
+            return self.decode_latent(self.quantizer.decode(codes))
+
+    def decode_latent(self, z_q: Tensor) -> Tensor:
+        """Quantized map -> output; a decoder with spatially conditional norms (MoVQ) also sees ``z_q``."""
+        if getattr(self.decoder, "conditions_on_quantized", False):
+            return self.decoder(self.post_quant_conv(z_q), z_q)
+        return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput, dict[str, Tensor]]:
         q = self.quantizer(self.quant_conv(self.encoder(x)))
-        xrec = self.decoder(self.post_quant_conv(q.z_q))
+        xrec = self.decode_latent(q.z_q)
         enc_aux, dec_aux = collect_aux(self.encoder), collect_aux(self.decoder)
         aux = {f"encoder.{k}": v for k, v in enc_aux.items() if k != "aux_loss"}
         aux |= {f"decoder.{k}": v for k, v in dec_aux.items() if k != "aux_loss"}

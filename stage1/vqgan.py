@@ -1,7 +1,8 @@
-"""VQGAN (Esser et al., 2021): quantized autoencoder + LPIPS perceptual loss + PatchGAN hinge loss.
+"""VQGAN (Esser et al., 2021): quantized autoencoder + perceptual loss + PatchGAN hinge loss.
 
 Two optimisers under Lightning's manual optimisation: the autoencoder minimises
-``rec + perceptual_weight * LPIPS + quantizer loss + d_weight * disc_factor * g_loss``, where
+``rec + perceptual_weight * perceptual + quantizer loss + d_weight * disc_factor * g_loss``, where
+the perceptual loss is the modality's (LPIPS for images; none for plain sequences) and
 ``d_weight`` balances the gradients of reconstruction and GAN terms at the decoder's last layer;
 the discriminator starts at ``disc_start`` with the hinge (or vanilla) loss.
 """
@@ -14,15 +15,13 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from metrics.lpips_offline import load_lpips
 from stage1.autoencoder import QuantizedAutoencoder, warmup_cosine
 from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
 
 
 class VQGAN(QuantizedAutoencoder):
-    # Recorded at fit time (whether LPIPS weights were found); not a constructor input.
+    # Recorded at fit time (whether the perceptual loss, e.g. LPIPS weights, was found); not a constructor input.
     recorded_hparams = ("perceptual_active",)
-
 
     def __init__(
         self,
@@ -47,45 +46,39 @@ class VQGAN(QuantizedAutoencoder):
         disc_lr: float | None = None,
         adaptive_disc_weight: bool = True,
         grad_clip: float | None = None,
+        modality: str = "image",
+        layout: dict[str, Any] | None = None,
     ):
         super().__init__(encoder=encoder, quantizer=quantizer, resolution=resolution, embed_dim=embed_dim,
                          decoder=decoder, rec_loss=rec_loss, lr=lr, betas=betas, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, ema_decay=ema_decay)
+                         warmup_steps=warmup_steps, ema_decay=ema_decay, modality=modality, layout=layout)
         if disc_loss not in D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.discriminator = PatchDiscriminator(int(self.decoder.conv_out.out_channels), disc_channels,
                                                 disc_layers, dims=self.dims)
-        self._lpips: list[torch.nn.Module] = []  # a list keeps the frozen net out of state_dict
+        self._perceptual: list[torch.nn.Module] = []  # a list keeps the frozen net out of state_dict
 
     # ------------------------------------------------------------------------------- perceptual
     def setup(self, stage: str) -> None:
-        if stage != "fit" or self.hparams.perceptual_weight <= 0 or self._lpips:
-            self.hparams.perceptual_active = bool(self._lpips)
+        if stage != "fit" or self.hparams.perceptual_weight <= 0 or self._perceptual:
+            self.hparams.perceptual_active = bool(self._perceptual)
             return
-        opts = dict(self.hparams.perceptual or {})
-        random_weights = bool(opts.pop("random_weights", False))
-        net, reason = load_lpips(net=opts.pop("net", "vgg"), required=bool(opts.pop("required", False)),
-                                 weights_dir=opts.pop("weights_dir", None), pretrained=not random_weights)
-        if opts:
-            raise ValueError(f"unknown model.params.perceptual keys {sorted(opts)}; valid: net, required, "
-                             "weights_dir, random_weights")
-        if net is None:
-            rank_zero_warn(f"{reason} Training continues WITHOUT the perceptual (LPIPS) term; set "
-                           "model.params.perceptual.required=true to make this an error.")
+        loss, note = self.modality.perceptual_loss(dict(self.hparams.perceptual or {}))
+        if loss is None:
+            rank_zero_warn(note)
         else:
-            net.requires_grad_(False).eval()
-            self._lpips.append(net)
-        self.hparams.perceptual_active = net is not None
+            self._perceptual.append(loss)
+        self.hparams.perceptual_active = loss is not None
 
     def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
-        if not self._lpips:
+        if not self._perceptual:
             return x.new_zeros(())
-        net = self._lpips[0]
-        if next(net.parameters()).device != x.device:
-            net.to(x.device)
-        return net(xrec.float(), x.float()).mean()
+        loss = self._perceptual[0]
+        if next(loss.parameters(), x).device != x.device:
+            loss.to(x.device)
+        return loss(xrec, x)
 
     # --------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

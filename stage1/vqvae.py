@@ -16,10 +16,11 @@ class VQVAE(QuantizedAutoencoder):
     def __init__(self, encoder: dict[str, Any], quantizer: dict[str, Any], resolution: int | list[int],
                  embed_dim: int = 64, decoder: dict[str, Any] | None = None, rec_loss: str = "l2",
                  lr: float = 1e-3, betas: list[float] | tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float | None = None):
+                 weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float | None = None,
+                 modality: str = "image", layout: dict[str, Any] | None = None):
         super().__init__(encoder=encoder, quantizer=quantizer, resolution=resolution, embed_dim=embed_dim,
                          decoder=decoder, rec_loss=rec_loss, lr=lr, betas=betas, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, ema_decay=ema_decay)
+                         warmup_steps=warmup_steps, ema_decay=ema_decay, modality=modality, layout=layout)
         self.save_hyperparameters()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -1,10 +1,12 @@
 """``python scripts/evaluate.py CHECKPOINT [--json out.json] [--fid auto|domain|inception|none] ...``.
 
-A tokenizer checkpoint: reconstruction MSE, PSNR, SSIM, LPIPS, rFID, and codebook usage (fraction
-used, perplexity, dead codes; per level for residual quantizers) over a whole split.
-A prior checkpoint: N generated samples (class-balanced when conditional) against the real split:
-FID, precision and recall on the same features, and the domain classifier's accuracy on the
-class-conditional samples.
+A tokenizer checkpoint: its modality's reconstruction metrics (images: MSE, PSNR, SSIM, LPIPS, rFID;
+sequences: MSE, MAE, SNR, spectrum distance) and codebook usage (fraction used, perplexity, dead
+codes; per level for residual quantizers) over a whole split.
+A prior checkpoint: N generated samples (class-balanced when conditional) against the real split,
+scored by the modality (images: FID, precision and recall on the same features, the domain
+classifier's accuracy on class-conditional samples; sequences: spectral Fréchet distance and
+class accuracy), plus the code usage of the samples.
 Both print a table, write JSON with ``--json``, and write ``report.md`` with plots into ``--out``.
 Every FID is labelled with its feature extractor, sample counts and resolution.
 """
@@ -24,13 +26,11 @@ from omegaconf import OmegaConf
 from data.atomic import atomic_write_text
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
-from metrics.precision_recall import PrecisionRecall
-from metrics.reconstruction import ReconstructionMetrics
+from modalities import Evaluator, modality_of
 from stage1.tokenizer import load_tokenizer, read_checkpoint
-from tokenforge.config import _merge_overrides, to_plain
-from tokenforge.eval_features import FeatureChoice, choose_features, choose_lpips
-from tokenforge.images import save_grid, save_usage_histogram
+from tokenforge.config import merge_overrides, section_bases, to_plain
 from tokenforge.report import write_report
+from tokenforge.usage_plot import save_usage_histogram
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,12 +68,12 @@ def build_datamodule(ckpt: dict[str, Any], overrides: Sequence[str], batch_size:
     config = (ckpt.get("tokenforge") or {}).get("config")
     if not config or "data" not in config:
         raise ValueError("the checkpoint stores no data config; pass a checkpoint written by scripts/train.py")
-    cfg = _merge_overrides(OmegaConf.create({"data": config["data"]}), list(overrides))
+    cfg = merge_overrides(OmegaConf.create({"data": config["data"]}), list(overrides))
     data_spec = to_plain(cfg)["data"]
     params = data_spec.setdefault("params", {})
     if "batch_size" in params:
         params["batch_size"] = batch_size
-    dm = instantiate(data_spec, where="data")
+    dm = instantiate(data_spec, where="data", base=section_bases()["data"])
     dm.setup("validate")
     return dm
 
@@ -88,54 +88,43 @@ def split_loader(dm: Any, split: str) -> Any:
 def _limited(loader: Any, limit: int | None):
     seen = 0
     for batch in loader:
-        x = batch["x"]
+        x, labels = batch["x"], batch.get("label")
         if limit is not None:
-            x = x[: max(0, limit - seen)]
+            keep = max(0, limit - seen)
+            x, labels = x[:keep], None if labels is None else labels[:keep]
             if len(x) == 0:
                 return
         seen += len(x)
-        yield x, batch.get("label")
+        yield x, labels
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: Any, loader: Any, device: str, limit: int | None = None,
-                       features: FeatureChoice | None = None, lpips: torch.nn.Module | None = None
-                       ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Reconstruction metrics, usage and rFID; returns (results, code counts, a recon grid tensor)."""
+def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluator, limit: int | None = None
+                       ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The modality's reconstruction metrics and codebook usage over a split; returns (results, code
+    counts, the first inputs and their reconstructions)."""
     spec = model.code_spec
     usage = CodebookUsage(spec["codebook_size"], depth=spec.get("depth")).to(device)
-    images = len(spec["grid"]) == 2
-    recon = ReconstructionMetrics(lpips_module=lpips).to(device) if images else None
-    fid = features.fid.to(device) if features is not None and features.fid is not None else None
-    seen, grid = 0, None
-    for x, _ in _limited(loader, limit):
+    seen, first = 0, None
+    for x, labels in _limited(loader, limit):
         x = x.to(device)
         codes = model.encode(x)
         xrec = model.decode(codes).clamp(-1, 1)
         usage.update(codes)
-        if recon is not None:
-            recon.update(xrec.float(), x.float())
-        if fid is not None:
-            fid.update(x, real=True)
-            fid.update(xrec, real=False)
-        if grid is None:
-            grid = torch.cat([x[:8], xrec[:8]]).cpu()
+        evaluator.update(real=x, fake=xrec, labels=labels)
+        if first is None:
+            first = (x[:8].cpu(), xrec[:8].cpu())
         seen += len(x)
-    results: dict[str, Any] = {k: _num(v) for k, v in recon.compute().items()} if recon is not None else {}
-    results |= {k: _num(v) for k, v in usage.compute().items()}
+    results = evaluator.compute() | {k: _num(v) for k, v in usage.compute().items()}
     results["codebook_size"] = spec["codebook_size"]
     results["num_examples"] = seen
-    if fid is not None:
-        r = fid.result()
-        results |= {"rfid": r.value, "rfid_features": r.feature_extractor, "rfid_num_real": r.num_real,
-                    "rfid_num_fake": r.num_fake, "rfid_resolution": list(r.resolution or [])}
-    return results, usage.counts().cpu(), grid
+    return results, usage.counts().cpu(), first
 
 
 @torch.no_grad()
 def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Namespace,
-                   features: FeatureChoice) -> tuple[dict[str, Any], torch.Tensor]:
-    """Generate samples and compare them with the real split; returns (results, a sample grid)."""
+                   evaluator: Evaluator) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """Generate samples and compare them with the real split; returns (results, first samples, their classes)."""
     from tokenforge.sample import sampling_kwargs
 
     device = args.device
@@ -143,16 +132,10 @@ def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Names
     n = args.num_samples
     labels = torch.arange(n, device=device) % prior.num_classes if prior.num_classes else None
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    fid = features.fid.to(device) if features.fid is not None else None
-    pr = PrecisionRecall().to(device) if fid is not None else None
-    clf = features.classifier.to(device) if features.classifier is not None else None
-    correct, real_count, grid = 0, 0, None
-    for x, _ in _limited(loader, args.limit):
-        x = x.to(device)
+    real_count, shown = 0, None
+    for x, real_labels in _limited(loader, args.limit):
+        evaluator.update(real=x.to(device), labels=None if real_labels is None else real_labels.to(device))
         real_count += len(x)
-        if fid is not None:
-            fid.update(x, real=True)
-            pr.update(features.features(x), real=True)
     code_counts = CodebookUsage(prior.codebook_size, depth=prior.code_depth).to(device)
     for start in range(0, n, args.batch_size):
         m = min(args.batch_size, n - start)
@@ -160,27 +143,17 @@ def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Names
         codes = prior.sample(m, cond=cond, generator=gen, **kwargs)
         code_counts.update(codes)
         fake = tokenizer.decode(codes.to(device)).clamp(-1, 1)
-        if fid is not None:
-            fid.update(fake, real=False)
-            pr.update(features.features(fake), real=False)
-        if clf is not None and cond is not None:
-            correct += int((clf(fake).argmax(1) == cond).sum())
-        if grid is None:
-            grid = fake[:64].cpu()
+        evaluator.update(fake=fake, labels=cond)
+        if shown is None:
+            shown = fake[:64].cpu()
     results: dict[str, Any] = {"num_samples": n, "num_real": real_count, "sampling": kwargs,
                                "class_balanced": labels is not None}
     usage = code_counts.compute()
     results["sample_code_usage"] = _num(usage["usage"])
     results["sample_code_perplexity"] = _num(usage["perplexity"])
-    if fid is not None:
-        r = fid.result()
-        results |= {"fid": r.value, "fid_features": r.feature_extractor, "fid_num_real": r.num_real,
-                    "fid_num_fake": r.num_fake, "fid_resolution": list(r.resolution or [])}
-        results |= {k: _num(v) for k, v in pr.compute().items()}
-    if clf is not None and labels is not None:
-        results["classifier_accuracy"] = correct / n
-        results["classifier"] = features.classifier.checkpoint_path
-    return results, grid
+    results |= evaluator.compute()
+    shown_labels = labels[:64].cpu() if labels is not None else None
+    return results, shown, shown_labels
 
 
 def _num(v: Any) -> float | int:
@@ -220,23 +193,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         raise ValueError(f"{args.checkpoint} holds a {kind!r}; evaluate.py takes tokenizers and priors")
     dm = build_datamodule(tok_ckpt, args.overrides, args.batch_size)
-    dataset = (tok_ckpt["tokenforge"]["config"]["data"].get("params") or {}).get("dataset")
-    features = choose_features(args.fid, args.classifier, dataset, args.inception_weights)
-    notes = [features.note]
+    modality = modality_of(tokenizer.code_spec)
+    options = {"fid": args.fid, "classifier": args.classifier, "lpips": args.lpips, "device": args.device,
+               "inception_weights": args.inception_weights,
+               "dataset": (tok_ckpt["tokenforge"]["config"]["data"].get("params") or {}).get("dataset")}
     loader = split_loader(dm, args.split)
     if kind == "tokenizer":
-        lpips, lpips_note = choose_lpips(args.lpips)
-        notes.append(lpips_note)
-        results, counts, grid = evaluate_tokenizer(tokenizer, loader, args.device, args.limit, features, lpips)
+        evaluator = modality.reconstruction_evaluator(options)
+        results, counts, first = evaluate_tokenizer(tokenizer, loader, args.device, evaluator, args.limit)
         plots["usage histogram (codes sorted by frequency)"] = save_usage_histogram(
             counts, out_dir / "usage_histogram.png", title=f"{Path(args.checkpoint).name} ({args.split})")
-        if grid is not None and grid.dim() == 4:
-            plots["reconstructions (top: inputs, bottom: reconstructions)"] = save_grid(
-                grid, out_dir / "reconstructions.png", nrow=len(grid) // 2)
+        if first is not None:
+            plots["reconstructions (inputs and their reconstructions)"] = modality.save_reconstructions(
+                *first, out_dir / "reconstructions.png")
     else:
-        results, grid = evaluate_prior(prior, tokenizer, loader, args, features)
-        if grid is not None and grid.dim() == 4:
-            plots["samples"] = save_grid(grid, out_dir / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
+        evaluator = modality.sample_evaluator(options)
+        results, shown, shown_labels = evaluate_prior(prior, tokenizer, loader, args, evaluator)
+        if shown is not None:
+            plots["samples"] = modality.save_preview(shown, out_dir / "samples.png", shown_labels)
+    notes = evaluator.notes
     results = {"checkpoint": str(args.checkpoint), "kind": kind, "split": args.split, **results, "notes": notes}
     results["plots"] = {k: str(v) for k, v in plots.items()}
     report = write_report(out_dir / "report.md", results, plots)

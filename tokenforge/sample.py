@@ -1,8 +1,10 @@
 """``python scripts/sample.py PRIOR_CKPT -n 64 [--class 3] [--cfg 2.0] [--top-k 100] ...``.
 
 Samples codes from a prior, decodes them with the tokenizer the prior was trained on (recorded in
-its checkpoint; ``--tokenizer`` overrides), and writes a PNG grid, one PNG per sample, the codes
-(``codes.npy``) and ``samples.json`` holding every sampling setting, into ``--out``.
+its checkpoint; ``--tokenizer`` overrides), and writes the samples as the tokenizer's modality
+writes them (images: ``grid.png`` and one PNG per sample; sequences: ``curves.png`` and
+``samples.npz``), the codes (``codes.npy``) and ``samples.json`` holding every sampling setting,
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write, atomic_write_text
+from modalities import modality_of
 from stage1.tokenizer import load_tokenizer
 from stage2.prior import load_prior
-from tokenforge.images import save_grid
 
 # CLI flag -> keyword of Prior.sample; only flags the user gave are passed on.
 SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "cfg": "cfg_scale",
@@ -96,26 +97,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
             raise ValueError(f"{args.checkpoint} is an unconditional prior; drop --class")
         labels = torch.tensor([args.classes[i % len(args.classes)] for i in range(args.num)], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    codes, images = [], []
+    codes, decoded = [], []
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
         cond = labels[start:start + n] if labels is not None else None
         c = prior.sample(n, cond=cond, generator=gen, **kwargs)
         codes.append(c.cpu())
-        images.append(tokenizer.decode(c.to(args.device)).clamp(-1, 1).cpu())
-    all_codes, all_images = torch.cat(codes), torch.cat(images)
+        decoded.append(tokenizer.decode(c.to(args.device)).clamp(-1, 1).cpu())
+    all_codes, all_decoded = torch.cat(codes), torch.cat(decoded)
 
     out = Path(args.out) if args.out else default_out(args, kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(all_images, out / "grid.png", nrow=int(math.ceil(math.sqrt(args.num))))
-    for i, img in enumerate(all_images):
-        save_grid(img[None], out / f"{i:05d}.png", nrow=1, padding=0)
-    np.save(out / "codes.npy", all_codes.numpy())
+    # The tokenizer's modality turns decoded tensors into files (PNG grid, curves + .npz, ...).
+    files = modality_of(tokenizer.code_spec).write_samples(all_decoded, out, None if labels is None else labels.cpu())
+    atomic_write(out / "codes.npy", lambda f: np.save(f, all_codes.numpy(), allow_pickle=False))
     record = {"checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "num": args.num,
               "classes": None if labels is None else labels.tolist(), "seed": args.seed,
               "sampling": kwargs, "prior": type(prior).__name__, "code_shape": list(all_codes.shape)}
     atomic_write_text(out / "samples.json", json.dumps(record, indent=2))
-    print(f"wrote {args.num} samples to {out} (grid.png, 00000.png..., codes.npy, samples.json)")
+    print(f"wrote {args.num} samples to {out} ({files[0].name}, ..., codes.npy, samples.json)")
     return out
 
 

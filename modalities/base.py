@@ -1,0 +1,121 @@
+"""The modality protocol and its registry.
+
+A modality says what a kind of data means to the rest of the project: the DataModule its configs
+use, the extra reconstruction loss a tokenizer adds (LPIPS for images, multi-resolution STFT for
+audio, ...), how decoded tensors become files people open (PNG grid, WAV, MIDI, GIF, ``.npz``), and
+the metrics ``evaluate`` reports. A tokenizer names its modality in its code spec, and every
+command asks :func:`get_modality` for it, so ``train``, ``tokenize``, ``sample`` and ``evaluate``
+never branch on the kind of data. A new modality is one file ``modalities/<name>.py`` that defines
+a :class:`Modality` subclass and binds one instance to the module attribute ``MODALITY``.
+
+Import rules: a modality file may import ``data``, ``metrics``, ``layers`` and torch, never a stage
+or ``tokenforge`` (``stage1`` imports modalities for the tokenizer's loss and validation metrics).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+# The modalities the design plans; those without a file yet say so when asked for.
+PLANNED = ("image", "sequence", "audio", "music", "motion", "actions")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Evaluator:
+    """Accumulates real and generated (or reconstructed) batches and reports metrics for ``evaluate``.
+
+    For a tokenizer ``update(real=x, fake=reconstruction)`` pairs items; for a prior, real batches
+    come first (``update(real=x)``) and samples after (``update(fake=x, labels=classes)``).
+    ``notes`` says which features or models were used and what was skipped, for the report.
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Modality:
+    """One kind of data. Subclasses set ``name`` and ``datamodule`` and override what differs.
+
+    ``options`` given to the evaluators are the command's metric settings (``fid``, ``classifier``,
+    ``lpips``, ``inception_weights``, ``dataset``, ``device``); a modality uses those it knows.
+    """
+
+    name: str = ""
+    datamodule: str = ""  # the DataModule target its configs use
+
+    # -- training ---------------------------------------------------------------------------------
+    def perceptual_loss(self, options: Mapping[str, Any]) -> tuple[nn.Module | None, str]:
+        """A frozen loss ``loss(reconstruction, target) -> (B, ...)`` added to the reconstruction term,
+        and a sentence saying what it is (or why there is none). ``options``: the tokenizer's
+        ``perceptual`` settings."""
+        if options:
+            raise ValueError(f"the {self.name} modality has no perceptual loss; drop model.params.perceptual "
+                             f"({sorted(options)})")
+        return None, f"the {self.name} modality has no perceptual loss"
+
+    def validation_metrics(self) -> Metric | None:
+        """Reconstruction metrics the tokenizer logs each validation epoch (besides its losses)."""
+        return None
+
+    # -- files ------------------------------------------------------------------------------------
+    def save_reconstructions(self, x: Tensor, xrec: Tensor, path: str | Path) -> Path:
+        """One picture comparing inputs with their reconstructions."""
+        raise NotImplementedError
+
+    def save_preview(self, x: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
+        """One picture of a batch (e.g. samples, titled by ``labels`` where the modality can)."""
+        raise NotImplementedError
+
+    def write_samples(self, x: Tensor, out: Path, labels: Tensor | None = None) -> list[Path]:
+        """Write decoded samples ``x`` as the files people open; returns them, the overview first."""
+        raise NotImplementedError
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def reconstruction_evaluator(self, options: Mapping[str, Any]) -> Evaluator:
+        raise NotImplementedError
+
+    def sample_evaluator(self, options: Mapping[str, Any]) -> Evaluator:
+        raise NotImplementedError
+
+
+def get_modality(name: str | None) -> Modality:
+    """The modality registered as ``modalities/<name>.py``; ``None`` (a spec from before modalities) is image."""
+    name = name or "image"
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"modality names are lower-case identifiers, got {name!r}")
+    try:
+        module = importlib.import_module(f"modalities.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"modalities.{name}":
+            raise
+        planned = f" ({name!r} is planned but not implemented yet)" if name in PLANNED else ""
+        raise ValueError(f"unknown modality {name!r}{planned}; available: {', '.join(available())}") from err
+    modality = getattr(module, "MODALITY", None)
+    if not isinstance(modality, Modality):
+        raise ValueError(f"modalities/{name}.py defines no MODALITY (a Modality instance)")
+    return modality
+
+
+def available() -> list[str]:
+    """The names of the modality files present."""
+    folder = Path(__file__).parent
+    return sorted(p.stem for p in folder.glob("*.py") if _NAME.match(p.stem) and p.stem not in ("base",))
+
+
+def modality_of(code_spec: Mapping[str, Any]) -> Modality:
+    """The modality a code spec names."""
+    return get_modality(code_spec.get("modality"))
+

@@ -1,0 +1,169 @@
+"""The ``sequence`` modality: 1-D signals ``(B, C, L)`` in [-1, 1] (e.g. ``data.sequence``'s sines).
+
+No perceptual loss; curves are written as ``samples.npz`` plus a PNG of the plotted curves; metrics
+are computed on the signals and on their log-magnitude spectra (a frequency-blind metric would
+call a phase-shifted sine a bad reconstruction and a wrong-frequency sine a good sample).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+from data.atomic import atomic_write
+from modalities.base import Evaluator, Modality
+
+MAX_PLOTTED = 16
+
+
+def log_spectrum(x: Tensor) -> Tensor:
+    """``(B, C, L) -> (B, C * (L // 2 + 1))``: log(1 + |rFFT|) per channel, the features spectra are compared on."""
+    return torch.log1p(torch.fft.rfft(x.float(), dim=-1).abs()).flatten(1)
+
+
+class SpectrumFeatures(nn.Module):
+    """Log-magnitude spectra as a feature extractor for torchmetrics' Fréchet distance."""
+
+    def __init__(self, channels: int, length: int) -> None:
+        super().__init__()
+        self.num_features = channels * (length // 2 + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return log_spectrum(x).double()
+
+
+def _plot_curves(panels: list[list[Tensor]], path: str | Path, titles: list[str] | None = None) -> Path:
+    """One small plot per panel, every curve of a panel overlaid (channel 0), in a near-square grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.6 * rows), squeeze=False, sharey=True)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        overlaid = len(panels[i]) > 1
+        for j, curve in enumerate(panels[i]):
+            ax.plot(curve[0].float().cpu().numpy(), lw=1.0, color="0.6" if overlaid and j == 0 else "C0")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xticks([])
+        if titles:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+class SequenceReconstruction(Evaluator):
+    """MSE and MAE on the signal, mean SNR in dB, and the L1 distance of log-magnitude spectra."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(),
+                                         "snr_db": MeanMetric(), "log_spectrum_l1": MeanMetric()},
+                                        compute_groups=False).to(options.get("device", "cpu"))
+        self.notes = ["sequence metrics on the [-1, 1] signal; snr_db = 10 log10(|x|^2 / |x - x_rec|^2) per item"]
+
+    def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
+        real, fake = real.float(), fake.float()
+        self.metrics["mse"].update(fake.flatten(), real.flatten())
+        self.metrics["mae"].update(fake.flatten(), real.flatten())
+        err = (real - fake).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+        self.metrics["snr_db"].update(10 * torch.log10(real.pow(2).flatten(1).sum(1) / err))
+        self.metrics["log_spectrum_l1"].update((log_spectrum(real) - log_spectrum(fake)).abs().mean(1))
+
+    def compute(self) -> dict[str, Any]:
+        return {k: float(v) for k, v in self.metrics.compute().items()}
+
+
+class SequenceSamples(Evaluator):
+    """Fréchet distance between real and generated log-magnitude spectra, and class accuracy of
+    class-conditional samples under a nearest-class-mean-spectrum classifier fit on the real split."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.device = options.get("device", "cpu")
+        self.fd: FrechetInceptionDistance | None = None
+        self.class_sums: dict[int, Tensor] = {}
+        self.class_counts: dict[int, int] = {}
+        self.fakes: list[tuple[Tensor, Tensor]] = []
+        self.notes = ["spectral_fd: Fréchet distance of log-magnitude spectra (torchmetrics); class_accuracy: "
+                      "nearest class-mean spectrum of the real split (a template classifier, not a trained one)"]
+
+    def _fd(self, x: Tensor) -> FrechetInceptionDistance:
+        if self.fd is None:
+            features = SpectrumFeatures(x.shape[1], x.shape[-1])
+            self.fd = FrechetInceptionDistance(feature=features, normalize=True).to(self.device)
+        return self.fd
+
+    def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
+        if real is not None:
+            self._fd(real).update(real.float(), real=True)
+            if labels is not None:
+                spectra = log_spectrum(real)
+                for c in labels.unique().tolist():
+                    rows = spectra[labels == c]
+                    self.class_sums[c] = self.class_sums.get(c, 0) + rows.sum(0)
+                    self.class_counts[c] = self.class_counts.get(c, 0) + len(rows)
+        if fake is not None:
+            self._fd(fake).update(fake.float(), real=False)
+            if labels is not None:
+                self.fakes.append((log_spectrum(fake), labels))
+
+    def compute(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        if self.fd is not None and int(self.fd.fake_features_num_samples) > 1:
+            results["spectral_fd"] = max(float(self.fd.compute()), 0.0)
+        if self.fakes and self.class_sums:
+            classes = sorted(self.class_sums)
+            means = torch.stack([self.class_sums[c] / self.class_counts[c] for c in classes])
+            spectra, labels = (torch.cat(t) for t in zip(*self.fakes))
+            predicted = torch.tensor(classes, device=labels.device)[torch.cdist(spectra, means).argmin(1)]
+            results["class_accuracy"] = float((predicted == labels).float().mean())
+        return results
+
+
+class SequenceModality(Modality):
+    name = "sequence"
+    datamodule = "data.sequence.SequenceDataModule"
+
+    def save_reconstructions(self, x: Tensor, xrec: Tensor, path: str | Path) -> Path:
+        """Each input (grey) with its reconstruction (blue) overlaid."""
+        return _plot_curves([[a, b] for a, b in zip(x[:MAX_PLOTTED], xrec[:MAX_PLOTTED])], path)
+
+    def save_preview(self, x: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
+        titles = [f"class {int(c)}" for c in labels[:MAX_PLOTTED]] if labels is not None else None
+        return _plot_curves([[c] for c in x[:MAX_PLOTTED]], path, titles)
+
+    def write_samples(self, x: Tensor, out: Path, labels: Tensor | None = None) -> list[Path]:
+        """``curves.png`` (the first 16) and ``samples.npz`` with ``x`` (N, C, L) and, if given, ``labels``."""
+        arrays = {"x": x.float().cpu().numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.cpu().numpy()
+        npz = atomic_write(out / "samples.npz", lambda f: np.savez(f, **arrays))
+        return [self.save_preview(x, out / "curves.png", labels), npz]
+
+    def reconstruction_evaluator(self, options: Mapping[str, Any]) -> SequenceReconstruction:
+        return SequenceReconstruction(options)
+
+    def sample_evaluator(self, options: Mapping[str, Any]) -> SequenceSamples:
+        return SequenceSamples(options)
+
+
+MODALITY = SequenceModality()
