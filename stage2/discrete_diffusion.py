@@ -187,7 +187,7 @@ class DiscreteDiffusion(nn.Module):
     def sample_categorical(self, log_probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One index per row of ``log_probs`` ``(..., V)`` (Gumbel-max, as in the official sampler)."""
         u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-30)).clamp_min(1e-30))
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-30))).clamp_min(1e-30))
         return (log_probs.float() + gumbel).argmax(-1)
 
     # --- variational bound --------------------------------------------------------------------
