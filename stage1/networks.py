@@ -192,7 +192,10 @@ def collect_aux(module: nn.Module) -> dict[str, Tensor]:
     """
     aux: dict[str, Tensor] = {}
     total = None
-    for name, sub in module.mid.named_children():
+    mid = getattr(module, "mid", None)  # networks of other libraries (diffusers' blocks) have no slots
+    if mid is None:
+        return aux
+    for name, sub in mid.named_children():
         if isinstance(sub, TokenwiseSlot) and sub.aux:
             name = f"mid.{name}"
             for k, v in sub.aux.items():
