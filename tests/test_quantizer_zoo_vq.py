@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from layers.instantiate import instantiate
+from stage1.quantizers._vq_ops import kmeans
 from stage1.quantizers.base import Quantizer, to_rows
 from stage1.quantizers.cvq import ClusteredVQ, closest_row_per_code
 from stage1.quantizers.gumbel import GumbelQuantizer
@@ -146,7 +147,8 @@ def test_sinkhorn_assignment_is_balanced_on_uniform_data() -> None:
 
 
 def test_optvq_trains_with_sinkhorn_and_infers_nearest() -> None:
-    q = _make("optvq").train()
+    torch.manual_seed(0)
+    q = OptVQ(DIM, K, kmeans_init=False).train()  # random codes: nearest neighbour leaves some unused
     z = torch.randn(2, DIM, 64)
     train_codes = q(z).codes
     q.eval()
@@ -155,6 +157,68 @@ def test_optvq_trains_with_sinkhorn_and_infers_nearest() -> None:
     assert torch.equal(q.encode(z).reshape(-1), nearest)
     assert not torch.equal(train_codes.reshape(-1), nearest)  # the training assignment is transport, not NN
     assert q.train()(z).stats["usage"] > q.eval()(z).stats["usage"]
+
+
+def test_optvq_multi_head_codes_share_one_codebook() -> None:
+    torch.manual_seed(0)
+    q = OptVQ(DIM, K, num_heads=4, kmeans_init=False)
+    assert q.depth == 4 and q.codebook.shape == (K, DIM // 4) and q.embed.shape == (K, DIM // 4)
+    z = torch.randn(2, DIM, 3, 5)
+    out = q.train()(z)
+    assert out.codes.shape == (2, 3, 5, 4) and out.z_q.shape == z.shape
+    q.eval()
+    codes = q.encode(z)
+    heads = z.movedim(1, -1).reshape(2, 3, 5, 4, DIM // 4)  # channel c of head h is h * DIM/4 + c
+    expected = torch.cdist(heads.reshape(-1, DIM // 4), q.codebook).argmin(1).view(2, 3, 5, 4)
+    assert torch.equal(codes, expected)
+    decoded = q.decode(codes)
+    torch.testing.assert_close(decoded, q.codebook[codes].reshape(2, 3, 5, DIM).movedim(-1, 1))
+    torch.testing.assert_close(q(z).z_q, decoded)
+    with pytest.raises(ValueError, match="heads"):
+        OptVQ(DIM, K, num_heads=3)
+
+
+def test_optvq_kmeans_init_waits_for_k_rows_then_sets_the_looked_up_codes() -> None:
+    torch.manual_seed(0)
+    q = OptVQ(DIM, K, num_heads=2).train()
+    first = torch.randn(1, DIM, 4)
+    q(first)  # 8 head rows < K = 16: not yet
+    assert not bool(q.initialized)
+    z = _toy(n=64)  # 128 more head rows
+    torch.manual_seed(5)
+    q(z)
+    assert bool(q.initialized)
+    seen = torch.cat([first.movedim(1, -1).reshape(-1, DIM // 2), z.movedim(1, -1).reshape(-1, DIM // 2)])
+    torch.manual_seed(5)
+    centroids, _ = kmeans(seen, K, q.kmeans_iters)
+    torch.testing.assert_close(q.codebook, centroids)  # the looked-up codes are the centroids
+    torch.testing.assert_close(q.code_proj.weight, torch.eye(DIM // 2))
+
+
+def test_optvq_loss_and_gradients_match_the_paper() -> None:
+    """``||z - sg(q)||^2 + beta ||sg(z) - q||^2`` with beta = 0.25, q = code_proj(E)[idx], straight-through z_q."""
+    torch.manual_seed(0)
+    q = OptVQ(DIM, K, kmeans_init=False).train()
+    assert q.beta == 0.25
+    z = torch.randn(1, DIM, 12, requires_grad=True)
+    upstream = torch.randn(1, DIM, 12)
+    out = q(z)
+    ((out.z_q * upstream).sum() + out.loss).backward()
+
+    embed = q.embed.detach().clone().requires_grad_(True)
+    weight = q.code_proj.weight.detach().clone().requires_grad_(True)
+    bias = q.code_proj.bias.detach().clone().requires_grad_(True)
+    rows = to_rows(z.detach())[0].requires_grad_(True)
+    codes = embed @ weight.t() + bias
+    picked = codes[out.codes.reshape(-1)]
+    loss = F.mse_loss(rows, picked.detach()) + 0.25 * F.mse_loss(rows.detach(), picked)
+    z_q = rows + (picked - rows).detach()
+    ((z_q * to_rows(upstream)[0]).sum() + loss).backward()
+    torch.testing.assert_close(out.loss, loss.detach())
+    torch.testing.assert_close(to_rows(z.grad)[0], rows.grad)
+    torch.testing.assert_close(q.embed.grad, embed.grad)
+    torch.testing.assert_close(q.code_proj.weight.grad, weight.grad)
+    torch.testing.assert_close(q.code_proj.bias.grad, bias.grad)
 
 
 def test_closest_row_per_code_matches_brute_force() -> None:
