@@ -9,7 +9,8 @@ Files: ``contract.py`` (the router -> layer contract, :class:`Routing`), ``route
 MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (dense FFN -> MoE),
 ``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts),
 ``sparsemixer.py`` (GRIN's SparseMixer-v2 router),
-``stable.py`` (StableMoE's two-stage routing), ``attention_heads.py`` (MoA: experts in attention).
+``stable.py`` (StableMoE's two-stage routing), ``attention_heads.py`` (MoA: experts in attention),
+``merge.py`` (MC-SMoE expert merging after training).
 """
 
 from .attention_heads import MixtureOfAttentionHeads
@@ -17,6 +18,7 @@ from .contract import Routing
 from .deepseek import DeepSeekMoE
 from .experts import StackedExperts
 from .layer import ConvMoE, MoE, SharedExperts, build_router
+from .merge import group_experts, merge_groups
 from .multi_head import MultiHeadMoE
 from .peer import PEER
 from .router_losses import balance_loss, z_loss
@@ -39,5 +41,6 @@ __all__ = [
     "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MixtureOfAttentionHeads", "MoE",
     "MoEPlusPlusRouter", "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts",
     "SoftMoERouter", "SparseMixerRouter", "StableMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter",
-    "balance_loss", "build_router", "link_gating_residuals", "upcycle_ffn", "upcycle_transformer", "z_loss",
+    "balance_loss", "build_router", "group_experts", "link_gating_residuals", "merge_groups", "upcycle_ffn",
+    "upcycle_transformer", "z_loss",
 ]

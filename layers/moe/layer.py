@@ -15,6 +15,7 @@ assignments dropped is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Mapping
@@ -155,6 +156,8 @@ class MoE(nn.Module):
         self.experts = StackedExperts(dim, num_experts, hidden_dim, activation, grouped_mm)
         self.shared = (SharedExperts(dim, num_shared * (shared_hidden_dim or hidden_dim), activation)
                        if num_shared > 0 else None)
+        # Router choice -> physical expert; set by layers.moe.merge after merging experts (None: identity).
+        self.register_buffer("expert_map", None)
 
     @property
     def causal_safe(self) -> bool:
@@ -178,10 +181,11 @@ class MoE(nn.Module):
             order = pre[torch.argsort(r.expert_idx[pre], stable=True)]
         else:
             order = torch.argsort(r.expert_idx, stable=True)
-        counts = torch.bincount(r.expert_idx, minlength=self.num_experts)
+        e = self.experts.num_experts  # physical experts (fewer than the router's choices after merging)
+        counts = torch.bincount(r.expert_idx, minlength=e)
         dropped = torch.zeros((), device=r.gate.device)
         if self.capacity_factor is not None and a > 0:
-            capacity = math.ceil(a / n * self.capacity_factor * n / self.num_experts)
+            capacity = math.ceil(a / n * self.capacity_factor * n / e)
             starts = counts.cumsum(0) - counts
             expert_sorted = r.expert_idx[order]
             rank = torch.arange(a, device=order.device) - starts[expert_sorted]
@@ -193,7 +197,7 @@ class MoE(nn.Module):
     def _dispatch_fixed_k(self, xf: Tensor, r: Routing, k: int) -> Tensor:
         """Dropless top-k: sort, gather, run experts, un-permute and mix the k outputs per token."""
         n, d = xf.shape
-        a, e = r.expert_idx.numel(), self.num_experts
+        a, e = r.expert_idx.numel(), self.experts.num_experts
         order = torch.argsort(r.expert_idx, stable=True)
         counts_t = torch.bincount(r.expert_idx, minlength=e)
         counts = counts_t.tolist()
@@ -227,6 +231,8 @@ class MoE(nn.Module):
         n = b * t
         xf = x.reshape(n, d)
         r = self.route(x)
+        if self.expert_map is not None and r.expert_idx.numel() > 0:
+            r = dataclasses.replace(r, expert_idx=self.expert_map[r.expert_idx])
         dropped = torch.zeros((), device=x.device)
         out = None
         if r.expert_idx.numel() > 0 and r.k_per_token is not None and self.capacity_factor is None:
