@@ -105,6 +105,47 @@ def _dump_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when it resolves outside ``folder`` (a ``..`` name or a symlink)."""
+    path = folder / name
+    if Path(name).name != name or path.resolve().parent != folder.resolve():
+        raise CodeFileError(f"{folder / MANIFEST} names {name!r}, which lies outside the code folder")
+    return path
+
+
+def _verified_cache_file(path: Path, sha256: str) -> Path:
+    from data.cache import cache_key, cache_root
+
+    st = path.stat()
+    key = cache_key({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256})
+    return cache_root() / "verified-shards" / f"{key}.json"
+
+
+def checked_range(path: Path, array: np.ndarray, sha256: str | None) -> tuple[int, int]:
+    """``(min, max)`` of a shard's values, after checking its SHA-256 when ``sha256`` is given.
+
+    A verified result is cached in the user's cache folder (never in the code folder, which may be
+    someone else's), keyed by the file's path, size, mtime and hash: the next run reads nothing.
+    """
+    cache = _verified_cache_file(path, sha256) if sha256 else None
+    if cache is not None and cache.is_file():
+        try:
+            found = json.loads(cache.read_text())
+            return int(found["min"]), int(found["max"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if sha256 and sha256_file(path) != sha256:
+        raise CodeFileError(f"shard {path} does not match its SHA-256 in the manifest (corrupt or changed); "
+                            "re-run the tokenize command into a new --out")
+    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, -1)
+    if cache is not None:
+        try:
+            _dump_manifest(cache, {"min": lo, "max": hi})
+        except OSError:  # a read-only home only costs the check next time
+            pass
+    return lo, hi
+
+
 def _open_npy(path: Path) -> np.ndarray:
     """Memory-map a shard; any failure becomes a :class:`CodeFileError` that names the file."""
     if not path.is_file():
@@ -136,7 +177,66 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         found = manifest.get("version")
         raise CodeFileError(f"{path} has format version {found!r}; this reader expects {VERSION}")
+    check_manifest_entries(manifest, path)
     return manifest
+
+
+def check_manifest_entries(manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse shard entries that point outside the folder or that record out-of-range values.
+
+    A manifest may come from someone else (a shared code folder): every ``file``/``labels`` entry
+    must be a plain shard name of its own split (no folders, no ``..``), and the recorded value
+    ranges must lie inside the codebook and the class count, so a bad folder fails on opening
+    rather than deep inside a training step.
+    """
+    spec = manifest.get("code_spec")
+    size = spec.get("codebook_size") if isinstance(spec, Mapping) else None
+    num_classes = manifest.get("num_classes")
+    splits = manifest.get("splits")
+    if splits is None:
+        return
+    if not isinstance(splits, Mapping):
+        raise CodeFileError(f"{path}: 'splits' must be a mapping of split names to shard lists")
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, Mapping) else None
+        if not _SPLIT_RE.match(str(split)) or not isinstance(shards, list):
+            raise CodeFileError(f"{path}: split {split!r} is malformed (a name of letters, digits and '_' "
+                                "with a list of shards)")
+        for entry in shards:
+            if not isinstance(entry, Mapping):
+                raise CodeFileError(f"{path}: split {split!r} lists a shard that is not a mapping: {entry!r}")
+            index = entry.get("index")
+            for key, name_of in (("file", shard_name), ("labels", labels_name)):
+                name = entry.get(key)
+                if key == "labels" and name is None:
+                    continue
+                if not isinstance(index, int) or name != name_of(str(split), index):
+                    raise CodeFileError(
+                        f"{path}: shard entry {key}={name!r} of split {split!r} is not the shard's own file name "
+                        f"({name_of(str(split), index) if isinstance(index, int) else 'index missing'}); a "
+                        "manifest may only name files inside its folder")
+            for key in ("count", "max_label", "min_code", "max_code"):
+                value = entry.get(key)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                    raise CodeFileError(f"{path}: shard {entry.get('file')} has {key}={value!r}; expected a "
+                                        "non-negative integer")
+            if isinstance(size, int) and entry.get("max_code") is not None and entry["max_code"] >= size:
+                raise CodeFileError(f"{path}: shard {entry['file']} records codes up to {entry['max_code']}, "
+                                    f"outside the codebook [0, {size})")
+            if num_classes is not None and entry.get("max_label") is not None and entry["max_label"] >= num_classes:
+                raise CodeFileError(f"{path}: shard {entry['file']} records labels up to {entry['max_label']}, "
+                                    f"but num_classes is {num_classes}")
+
+
+def code_folder_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a prior sizes itself from: ``code_spec``, ``num_classes`` (None without labels) and
+    ``tokenizer_path`` of the folder's manifest (checked by :func:`read_manifest`)."""
+    manifest = read_manifest(folder)
+    if "code_spec" not in manifest:
+        raise CodeFileError(f"{Path(folder) / MANIFEST} has no 'code_spec'")
+    tokenizer = manifest.get("tokenizer") or {}
+    return {"code_spec": manifest["code_spec"], "num_classes": manifest.get("num_classes"),
+            "tokenizer_path": tokenizer.get("path") if isinstance(tokenizer, Mapping) else tokenizer}
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -227,7 +327,9 @@ class CodeWriter:
         path = self.folder / shard_name(split, index)
         codes = _open_npy(path)
         entry: dict[str, Any] = {"index": index, "file": path.name, "count": int(codes.shape[0]),
-                                 "sha256": sha256_file(path), "labels": None, "max_label": None}
+                                 "sha256": sha256_file(path), "labels": None, "max_label": None,
+                                 "min_code": int(codes.min()) if codes.size else None,
+                                 "max_code": int(codes.max()) if codes.size else None}
         lpath = self.folder / labels_name(split, index)
         if lpath.is_file():
             labels = _open_npy(lpath)
@@ -329,12 +431,14 @@ class CodeDataset(Dataset):
     """All shards of one split, memory-mapped and indexed as one sequence.
 
     Items are ``{"codes": LongTensor (*grid[, depth]), "label": LongTensor ()}`` (``label`` when the
-    split has labels). Every shard is checked against the manifest on opening (count, shape, dtype;
-    with ``verify=True`` also its SHA-256, which reads every byte), so a mismatched or truncated
-    file fails here with its name rather than as a wrong batch mid-training.
+    split has labels). Every shard is checked on opening: against the manifest (count, shape, dtype;
+    its SHA-256 unless ``verify=False``) and for its value range (codes inside the codebook, labels
+    inside ``num_classes``), so a corrupt, hostile or mismatched file fails here with its name
+    rather than as a wrong batch mid-training. A verified shard's result is cached per user (keyed
+    by path, size, mtime and hash), so the next run does not read it twice.
     """
 
-    def __init__(self, folder: str | os.PathLike, split: str = "train", verify: bool = False,
+    def __init__(self, folder: str | os.PathLike, split: str = "train", verify: bool = True,
                  limit: int | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -359,13 +463,14 @@ class CodeDataset(Dataset):
         total = int(self._offsets[-1])
         self._length = total if limit is None else min(int(limit), total)
         self._maps: list[tuple[np.ndarray, np.ndarray | None]] | None = None
-        self._open(verify)
+        self._open(check=True, verify=verify)
 
-    def _open(self, verify: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def _open(self, check: bool = False, verify: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Memory-map every shard; ``check`` (done once, in ``__init__``) also checks hashes and ranges."""
         if self._maps is None:
             maps = []
             for entry in self._shards:
-                path = self.folder / entry["file"]
+                path = _inside(self.folder, entry["file"])
                 codes = _open_npy(path)
                 want = (int(entry["count"]), *self.sample_shape)
                 if codes.dtype != self.dtype or codes.shape != want:
@@ -374,17 +479,25 @@ class CodeDataset(Dataset):
                         f"{self.dtype.name} {want}; the folder is inconsistent (re-run the tokenize command "
                         "into a new --out)"
                     )
-                if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-                    raise CodeFileError(f"shard {path} does not match its SHA-256 in the manifest (corrupt)")
+                if check:
+                    lo, hi = checked_range(path, codes, entry.get("sha256") if verify else None)
+                    size = int(self.manifest["code_spec"]["codebook_size"])
+                    if lo < 0 or hi >= size:
+                        raise CodeFileError(f"shard {path} holds codes in [{lo}, {hi}], outside the codebook "
+                                            f"[0, {size}): it was not written by this folder's tokenizer")
                 labels = None
                 if self.has_labels:
-                    lpath = self.folder / entry["labels"]
+                    lpath = _inside(self.folder, entry["labels"])
                     labels = _open_npy(lpath)
                     if labels.dtype != np.int64 or labels.shape != (int(entry["count"]),):
                         raise CodeFileError(f"labels {lpath} hold {labels.dtype} {labels.shape}, expected "
                                             f"int64 ({entry['count']},)")
-                    if verify and entry.get("labels_sha256") and sha256_file(lpath) != entry["labels_sha256"]:
-                        raise CodeFileError(f"labels {lpath} do not match their SHA-256 in the manifest")
+                    if check:
+                        lo, hi = checked_range(lpath, labels, entry.get("labels_sha256") if verify else None)
+                        classes = self.manifest.get("num_classes")
+                        if lo < 0 or (classes is not None and hi >= int(classes)):
+                            raise CodeFileError(f"labels {lpath} lie in [{lo}, {hi}], outside the folder's "
+                                                f"classes [0, {classes})")
                 maps.append((codes, labels))
             self._maps = maps
         return self._maps
@@ -441,14 +554,19 @@ class CodesDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, codes: str, batch_size: int = 64, num_workers: int = 0, limit_train: int | None = None,
-                 limit_val: int | None = None, seed: int = 0, verify: bool = False) -> None:
+                 limit_val: int | None = None, seed: int = 0, verify: bool = True,
+                 allow_incomplete: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.folder = Path(codes)
         self.manifest = read_manifest(self.folder)
         if not self.manifest.get("complete", False):
-            warnings.warn(f"code folder {self.folder} is from an unfinished tokenize run; re-run the "
-                          "tokenize command with the same --out to complete it", stacklevel=2)
+            message = (f"code folder {self.folder} is from an unfinished tokenize run; re-run the tokenize command "
+                       "with the same --out to complete it")
+            if not allow_incomplete:
+                raise CodeFileError(f"{message}, or set data.params.allow_incomplete=true to train on the "
+                                    "shards written so far")
+            warnings.warn(f"{message} (training on it because allow_incomplete=true)", stacklevel=2)
         self.code_spec: dict[str, Any] = self.manifest["code_spec"]
         self.num_classes: int | None = self.manifest.get("num_classes")
         self.tokenizer_path: str | None = (self.manifest.get("tokenizer") or {}).get("path")

@@ -128,8 +128,10 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, splits):
         tokenize(resumed, splits, stop_after=2)
     partial = json.loads((resumed / "manifest.json").read_text())
     assert not partial["complete"] and partial["splits"]["train"]["count"] == 32
+    with pytest.raises(CodeFileError, match="allow_incomplete=true"):
+        CodesDataModule(str(resumed))  # a half-written folder is refused unless the user says so
     with pytest.warns(UserWarning, match="unfinished"):
-        CodesDataModule(str(resumed))
+        CodesDataModule(str(resumed), allow_incomplete=True)
     (resumed / ".train-00002.npy.x1y2.tmp").write_bytes(b"half a shard")  # a kill in mid-write
     written = tokenize(resumed, splits)
     assert written == [("train", 2), ("train", 3), ("val", 0)]  # only what was missing
@@ -204,9 +206,9 @@ def test_corrupt_or_mismatched_shards_name_the_file(tmp_path, splits):
     flipped = bytearray(good)
     flipped[-1] ^= 1  # same header, one code changed: only the checksum can tell
     shard.write_bytes(bytes(flipped))
-    CodeDataset(tmp_path, "train")
+    CodeDataset(tmp_path, "train", verify=False)  # only the opt-out skips the checksum
     with pytest.raises(CodeFileError, match=f"{shard}.*SHA-256"):
-        CodeDataset(tmp_path, "train", verify=True)
+        CodeDataset(tmp_path, "train")  # verified by default
 
     shard.unlink()
     with pytest.raises(CodeFileError, match=f"{shard}.*missing"):

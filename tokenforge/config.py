@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -89,7 +90,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (expected a YAML file such as configs/vqgan.yaml)")
-    cfg = OmegaConf.load(path)
+    try:  # OmegaConf's loader is YAML's SafeLoader: a `!!python/...` tag is an error, never a call
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not a valid config: {str(err).splitlines()[0]}") from err
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a mapping with sections {', '.join(TOP_LEVEL_KEYS)}")
     cfg = merge_overrides(cfg, overrides)

@@ -102,6 +102,25 @@ def check_resumable(saved: dict[str, Any], last: Path, model: pl.LightningModule
                           "pass --fresh to start over (the old run is moved aside) or --name NEW for a separate run")
 
 
+def check_data_fits_model(datamodule: Any, model: Any) -> None:
+    """Refuse data whose values the model cannot represent, before the first step.
+
+    A code folder's labels must lie below the prior's ``num_classes`` (a label equal to it would be
+    read as the classifier-free-guidance null class) and its codes inside the prior's codebook (a
+    code equal to ``codebook_size`` is MaskGIT's mask token).
+    """
+    data_classes, model_classes = getattr(datamodule, "num_classes", None), getattr(model, "num_classes", None)
+    if isinstance(data_classes, int) and isinstance(model_classes, int) and data_classes > model_classes:
+        raise ConfigError(f"the data has labels up to {data_classes - 1} but the model has "
+                          f"num_classes={model_classes}; set model.params.num_classes={data_classes} "
+                          "(or leave it unset to read it from the data)")
+    spec = getattr(datamodule, "code_spec", None)
+    data_size = spec.get("codebook_size") if isinstance(spec, dict) else None
+    model_size = getattr(model, "codebook_size", None)
+    if isinstance(data_size, int) and isinstance(model_size, int) and data_size > model_size:
+        raise ConfigError(f"the code folder's codebook has {data_size} codes but the model's has {model_size}")
+
+
 def resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: ``last.ckpt``, or when that is damaged the newest intact one.
 
@@ -183,6 +202,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     bases = section_bases()
     datamodule = instantiate(cfg["data"], where="data", base=bases["data"])
     model = instantiate(cfg["model"], where="model", base=bases["model"])
+    check_data_fits_model(datamodule, model)
     if found:
         resume_from, saved = found
         check_resumable(saved, resume_from, model)
