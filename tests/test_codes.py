@@ -230,3 +230,93 @@ def test_sha256_file_is_chunked_and_exact(tmp_path):
     payload = np.random.default_rng(0).bytes(10_000)
     path.write_bytes(payload)
     assert sha256_file(path, chunk_size=333) == hashlib.sha256(payload).hexdigest() == sha256_file(path)
+
+
+# -- hostile or damaged folders (issue 11) --------------------------------------------------------------
+def _rewrite(folder, name, array):
+    """Replace a file and update its hash in the manifest, as a consistent but hostile folder would."""
+    np.save(folder / name, array)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        for key, sha_key in (("file", "sha256"), ("labels", "labels_sha256")):
+            if entry.get(key) == name:
+                entry[sha_key] = sha256_file(folder / name)
+                entry.pop("min_code", None), entry.pop("max_code", None)
+                if key == "labels":
+                    entry["max_label"] = None
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_codes_outside_the_codebook_are_refused_when_the_shard_opens(tmp_path, splits, monkeypatch):
+    monkeypatch.setenv("TOKENFORGE_CACHE", str(tmp_path / "cache"))
+    tokenize(tmp_path / "f", splits)
+    codes = np.load(tmp_path / "f" / "train-00001.npy")
+    codes[3, 1, 2] = SPEC["codebook_size"]  # MaskGIT would read this as its mask token
+    _rewrite(tmp_path / "f", "train-00001.npy", codes)
+    with pytest.raises(CodeFileError, match=r"train-00001.npy holds codes in \[\d+, 1000\], outside the codebook"):
+        CodeDataset(tmp_path / "f", "train")
+
+
+def test_labels_outside_the_classes_are_refused_when_the_shard_opens(tmp_path, splits, monkeypatch):
+    monkeypatch.setenv("TOKENFORGE_CACHE", str(tmp_path / "cache"))
+    tokenize(tmp_path / "f", splits)
+    labels = np.load(tmp_path / "f" / "train-00000.labels.npy")
+    num_classes = json.loads((tmp_path / "f" / "manifest.json").read_text())["num_classes"]
+    labels[0] = num_classes  # would silently become the null class of classifier-free guidance
+    _rewrite(tmp_path / "f", "train-00000.labels.npy", labels)
+    with pytest.raises(CodeFileError, match="outside the folder's classes"):
+        CodeDataset(tmp_path / "f", "train")
+
+
+def test_recorded_ranges_are_checked_when_the_manifest_is_read(tmp_path, splits):
+    tokenize(tmp_path, splits)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    assert 0 <= entry["min_code"] <= entry["max_code"] < SPEC["codebook_size"]  # recorded by the writer
+    entry["max_code"] = SPEC["codebook_size"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CodeFileError, match="outside the codebook"):
+        CodesDataModule(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["../outside.npy", "/etc/passwd", "sub/train-00000.npy", "val-00000.npy"])
+def test_manifest_shard_names_cannot_leave_the_folder(tmp_path, splits, name):
+    folder = tmp_path / "f"
+    tokenize(folder, splits)
+    np.save(tmp_path / "outside.npy", np.zeros((16, 4, 4), np.uint16))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CodeFileError, match="only name files inside its folder"):
+        CodeDataset(folder, "train")
+
+
+def test_a_symlinked_shard_pointing_outside_is_refused(tmp_path, splits):
+    folder = tmp_path / "f"
+    tokenize(folder, splits)
+    outside = tmp_path / "outside.npy"
+    (folder / "train-00000.npy").rename(outside)
+    (folder / "train-00000.npy").symlink_to(outside)
+    with pytest.raises(CodeFileError, match="outside the code folder"):
+        CodeDataset(folder, "train", verify=False)
+
+
+def test_verified_shards_are_not_hashed_again(tmp_path, splits, monkeypatch):
+    import data.codes as codes_mod
+
+    monkeypatch.setenv("TOKENFORGE_CACHE", str(tmp_path / "cache"))
+    tokenize(tmp_path / "f", splits)
+    calls = []
+    real = codes_mod.sha256_file
+    monkeypatch.setattr(codes_mod, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    CodeDataset(tmp_path / "f", "train")
+    assert len(calls) == 8  # 4 shards: codes and labels
+    calls.clear()
+    CodeDataset(tmp_path / "f", "train")
+    assert calls == [], "a verified, unchanged shard is read from the per-user cache"
+    shard = tmp_path / "f" / "train-00002.npy"
+    flipped = bytearray(shard.read_bytes())
+    flipped[-1] ^= 1
+    shard.write_bytes(bytes(flipped))  # changed after verification: checked again, and refused
+    with pytest.raises(CodeFileError, match="SHA-256"):
+        CodeDataset(tmp_path / "f", "train")
