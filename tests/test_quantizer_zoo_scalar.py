@@ -248,12 +248,69 @@ def test_lfq_factorised_entropy_matches_exact_table(bits: int, scale: float, tem
     per_f, batch_f = q.factorised_entropies(rows)
     per_e, batch_e = q.exact_entropies(rows)
     torch.testing.assert_close(per_f, per_e, rtol=1e-4, atol=1e-4)
-    # Product of marginals upper-bounds the true batch entropy (subadditivity), and both are <= log K.
+    # Up to 9 bits the default grouping is one group (exact); beyond, the sum over groups upper-bounds
+    # the true batch entropy (subadditivity), and both are <= log K.
+    if bits <= 9:
+        torch.testing.assert_close(batch_f, batch_e, rtol=1e-4, atol=1e-4)
     assert batch_e <= batch_f + 1e-4 <= bits * math.log(2) + 1e-3
     # Chunking changes nothing.
     q.exact_chunk = 10_000
     per_e2, batch_e2 = q.exact_entropies(rows)
     torch.testing.assert_close((per_e, batch_e), (per_e2, batch_e2))
+
+
+def brute_force_batch_entropy(rows: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
+    """H(E_n[softmax_c(-||z_n - c||^2 / T)]) over every code c in {-s, s}^D, by enumeration."""
+    bits = rows.shape[1]
+    powers = 2 ** torch.arange(bits)
+    codes = torch.where((torch.arange(2**bits).unsqueeze(1) & powers) != 0, scale, -scale)
+    probs = torch.softmax(-torch.cdist(rows, codes).square() / temperature, dim=1)
+    avg = probs.mean(0)
+    return -(avg * avg.clamp_min(1e-12).log()).sum()
+
+
+def test_lfq_default_batch_entropy_is_the_code_distributions_entropy() -> None:
+    """Two always-equal bits carry one bit of batch entropy, not two (the per-bit marginals said two)."""
+    torch.manual_seed(0)
+    q = LFQ(4)  # class defaults: the default batch term
+    rows = torch.randn(300, 4)
+    rows[:, 1] = rows[:, 0]
+    _, batch = q.factorised_entropies(rows)
+    torch.testing.assert_close(batch, brute_force_batch_entropy(rows, 1.0, q.temperature), rtol=1e-5, atol=1e-5)
+    assert 2.8 * math.log(2) < batch < 3.05 * math.log(2)  # 3 independent bits, nearly uniform
+    out = q(rows.T.unsqueeze(0))
+    torch.testing.assert_close(out.stats["batch_entropy"], batch)
+
+
+@pytest.mark.parametrize(
+    "bits,group_bits,sizes", [(10, 4, [4, 3, 3]), (14, 9, [7, 7]), (18, 9, [9, 9]), (6, 1, [1] * 6)]
+)
+def test_lfq_grouped_batch_entropy_and_gradient_match_enumeration(bits: int, group_bits: int, sizes: list[int]) -> None:
+    """Per bit-factorised sub-code: the sum over groups of each group's exact batch entropy (value and gradient)."""
+    torch.manual_seed(bits)
+    q = LFQ(bits, temperature=0.7, codebook_scale=0.5, entropy_group_bits=group_bits)
+    assert q.entropy_groups == sizes
+    rows = (0.4 * torch.randn(64, bits)).requires_grad_(True)
+    _, batch = q.factorised_entropies(rows)
+    (grad,) = torch.autograd.grad(batch, rows)
+    ref_rows = rows.detach().clone().requires_grad_(True)
+    reference = sum(
+        brute_force_batch_entropy(part, 0.5, 0.7) for part in ref_rows.split(sizes, dim=1)
+    )
+    (ref_grad,) = torch.autograd.grad(reference, ref_rows)
+    torch.testing.assert_close(batch, reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lfq_entropy_bounds_order_exact_grouped_marginal() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(200, 8) @ torch.randn(8, 8) * 0.3  # correlated bits
+    batch = {g: LFQ(8, temperature=0.3, entropy_group_bits=g).factorised_entropies(rows)[1] for g in (1, 4, 8)}
+    exact = LFQ(8, temperature=0.3).exact_entropies(rows)[1]
+    torch.testing.assert_close(batch[8], exact, rtol=1e-5, atol=1e-5)
+    assert exact <= batch[4] + 1e-5 <= batch[1] + 2e-5
+    marginals = torch.sigmoid(4 * rows / 0.3).mean(0)
+    torch.testing.assert_close(batch[1], -(marginals * marginals.log() + (1 - marginals) * (1 - marginals).log()).sum())
 
 
 def test_lfq_exact_path_refuses_large_codebooks_and_trains() -> None:
@@ -290,8 +347,7 @@ def test_lfq_entropy_loss_spreads_codes() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    # 4 bits, 16 clusters: the factorised diversity term balances each bit (not their joint use), so
-    # expect several codes, not all 16.
+    # 4 bits, 16 clusters: the batch term is the entropy of the 16-code distribution (one group).
     assert q.encode(z).unique().numel() >= 6
 
 
