@@ -5,7 +5,9 @@ The codes of a sample are flattened row-major over the grid (depth-minor for res
 class embedding, with index ``num_classes`` as the null class for classifier-free guidance, or a
 learned start vector for an unconditional prior) and predicts token ``t``; so position ``t`` of the
 transformer is exactly grid cell ``t``, which is what rope2d's row/column rotation refers to.
-Residual codes add a learned embedding of the depth level being predicted.
+Residual and grouped codes add a learned embedding of the depth level being predicted (the start
+token included: it predicts level 0). Code and class embeddings, label dropout, the optimiser and
+the training loop come from :class:`stage2.prior.Prior`.
 
 Guidance follows :mod:`stage2.sampling`: ``cond + scale * (cond - uncond)`` with both branches in one
 batched forward; ``scale = 0`` skips the unconditional branch and is plain conditional sampling.
@@ -13,7 +15,6 @@ batched forward; ``scale = 0`` skips the unconditional branch and is plain condi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,27 +23,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layers.transformer import Transformer
-from stage2.prior import Prior
+from stage2.options import TOKEN_SAMPLING, SamplingOption
+from stage2.prior import Prior, PriorLoss
 from stage2.sampling import cfg_logits, sample_from_logits
+
+
+def init_gpt_weights(module: nn.Module) -> None:
+    """GPT-2 initialisation: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
 
 class ARPrior(Prior):
     """Class-conditional (or unconditional) autoregressive transformer prior.
 
     Args:
-        codes, code_spec, num_classes, tokenizer_path: see :func:`stage2.prior.resolve_code_spec`.
         dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the
             :class:`layers.transformer.Transformer` (always causal); ``positions`` defaults to rope1d.
-        cond_drop_prob: probability of replacing a training label by the null class (for CFG).
-        lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio: AdamW + warmup/cosine.
+        **prior: the base arguments of :class:`stage2.prior.Prior` (codes, code_spec, num_classes,
+            tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
     """
+
+    sampling_options = (*TOKEN_SAMPLING, SamplingOption(
+        "use_cache", bool, True, "KV-cached decoding (off: recompute the prefix each step, the reference)"))
 
     def __init__(
         self,
-        codes: str | None = None,
-        code_spec: Mapping[str, Any] | None = None,
-        num_classes: int | None = None,
-        tokenizer_path: str | None = None,
         dim: int = 256,
         depth: int = 8,
         heads: int = 8,
@@ -53,68 +61,24 @@ class ARPrior(Prior):
         dropout: float = 0.0,
         ffn: Mapping[str, Any] | None = None,
         ffn_every: int = 1,
-        cond_drop_prob: float = 0.1,
-        lr: float = 3e-4,
-        weight_decay: float = 0.05,
-        betas: Sequence[float] = (0.9, 0.95),
-        warmup_steps: int = 500,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        **prior: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.setup_codes(codes, code_spec, num_classes, tokenizer_path)
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        self.cond_drop_prob = cond_drop_prob
+        super().__init__(**prior)
         grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
         self.transformer = Transformer(
             dim, depth, heads, causal=True, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, positions=positions,
             max_len=self.seq_len, grid=grid if positions == "rope2d" else None, dropout=dropout,
             ffn=self.hparams["ffn"], ffn_every=ffn_every,
         )
-        self.tok_emb = nn.Embedding(self.codebook_size, dim)
-        if self.num_classes is not None:
-            self.cls_emb = nn.Embedding(self.num_classes + 1, dim)  # last row = null class
-        else:
-            self.start = nn.Parameter(torch.zeros(1, 1, dim))
-        self.level_emb = nn.Embedding(self.code_depth, dim) if self.code_depth else None
+        self.embed = self.code_embedding(dim)
+        self.classes = self.class_embedding(dim)  # the start token; the null row for unconditional
         self.head = nn.Linear(dim, self.codebook_size, bias=False)
-        self.apply(self._init_weights)
-        if self.num_classes is None:
-            nn.init.normal_(self.start, std=0.02)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes  # type: ignore[return-value]
-
-    # --- embeddings ---------------------------------------------------------------------------
-    def _start(self, batch: int, labels: Tensor | None) -> Tensor:
-        """Start-token embeddings ``(B, 1, D)``: the class (null class when ``labels`` is None)."""
-        if self.num_classes is None:
-            return self.start.expand(batch, 1, -1)
-        if labels is None:
-            labels = torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
-        return self.cls_emb(labels)[:, None]
-
-    def _add_level(self, x: Tensor, offset: int) -> Tensor:
-        """Add the embedding of the depth level predicted at positions ``offset ..`` (residual codes)."""
-        if self.level_emb is None:
-            return x
-        levels = torch.arange(offset, offset + x.shape[1], device=x.device) % self.code_depth
-        return x + self.level_emb(levels)
+        self.apply(init_gpt_weights)
 
     def _inputs(self, flat: Tensor, labels: Tensor | None, batch: int) -> Tensor:
         """Input embeddings for positions ``0 .. flat.shape[1]``: start token then ``flat`` codes."""
-        x = torch.cat([self._start(batch, labels), self.tok_emb(flat)], dim=1)
-        return self._add_level(x, 0)
+        x = torch.cat([self.classes(labels, batch)[:, None], self.embed.tokens(flat)], dim=1)
+        return self.embed.add_levels(x, 0)
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Teacher-forced logits ``(B, N, V)`` for codes ``(B, *grid[, depth])``, and the aux dict."""
@@ -122,33 +86,14 @@ class ARPrior(Prior):
         h, aux = self.transformer(self._inputs(flat[:, :-1], labels, flat.shape[0]))
         return self.head(h), aux
 
-    # --- training -----------------------------------------------------------------------------
-    def _nll(self, batch: Mapping[str, Tensor], drop_labels: bool) -> tuple[Tensor, dict[str, Tensor], int]:
-        codes = batch["codes"]
-        labels = self.batch_labels(batch)
-        if labels is not None and drop_labels and self.cond_drop_prob > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+    def loss(self, codes: Tensor, labels: Tensor | None, context: Tensor | None = None,
+             generator: torch.Generator | None = None) -> PriorLoss:
+        """Next-token cross-entropy over the whole sequence: the exact NLL of the codes."""
         logits, aux = self(codes, labels)
         target = self.flatten_codes(codes)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-        return nll, aux, codes.shape[0]
+        return PriorLoss(nll, nll, aux)
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        nll, aux, b = self._nll(batch, drop_labels=True)
-        loss = nll + aux["aux_loss"]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/nll", nll, batch_size=b)
-        self.log_aux(aux, "train", b)
-        return loss
-
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        nll, aux, b = self._nll(batch, drop_labels=False)
-        self.log("val/loss", nll, prog_bar=True, batch_size=b, sync_dist=True)
-        self.log("val/bits_per_token", nll / math.log(2), batch_size=b, sync_dist=True)
-        self.log_aux(aux, "val", b)
-
-    # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
@@ -160,39 +105,29 @@ class ARPrior(Prior):
         cfg_scale: float = 0.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Sample ``n`` code grids ``(n, *grid[, depth])``.
 
         ``cond``: None (unconditional: the null class for a conditional prior), one class for all,
         or ``n`` classes. ``cfg_scale`` guides as ``cond + s * (cond - uncond)`` (needs ``cond``).
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the KV cache is
-        benchmarked against); both paths draw the same random numbers in the same order.
+        benchmarked against); both paths feed the same embeddings and draw the same random numbers.
         """
-        labels = self.cond_tensor(n, cond)
-        guided = cfg_scale != 0 and labels is not None
-        if guided:
-            null = torch.full_like(labels, self.null_class)
-            labels = torch.cat([labels, null])
-        rows = labels.shape[0] if labels is not None else n
-        was_training = self.training
-        self.eval()
-        try:
+        labels, guided = self.guidance_labels(n, cond, cfg_scale)
+        rows = labels.shape[0]
+        with self.evaluating():
             tokens = torch.zeros(rows, self.seq_len, dtype=torch.long, device=self.device)
-            start = self._start(rows, labels)
             cache = self.transformer.new_cache(rows, self.seq_len) if use_cache else None
             for t in range(self.seq_len):
-                if cache is not None:
-                    x = start if t == 0 else self.tok_emb(tokens[:, t - 1 : t])
-                    x = self._add_level(x, t)  # step 0 too: training adds level 0 to the start token
+                if cache is not None:  # feed position t only: the start token, then the last code
+                    x = self._inputs(tokens[:, :0], labels, rows) if t == 0 else self.embed(tokens[:, t - 1 : t], t)
                     h, _ = self.transformer(x, cache)
                 else:
-                    x = self._add_level(torch.cat([start, self.tok_emb(tokens[:, :t])], dim=1), 0)
-                    h, _ = self.transformer(x)
+                    h, _ = self.transformer(self._inputs(tokens[:, :t], labels, rows))
                 logits = self.head(h[:, -1]).float()
                 if guided:
                     logits = cfg_logits(logits[:n], logits[n:], cfg_scale)
                 nxt = sample_from_logits(logits, temperature, generator, top_k=top_k, top_p=top_p)
                 tokens[:, t] = nxt.repeat(rows // n)
-        finally:
-            self.train(was_training)
         return self.unflatten_codes(tokens[:n])

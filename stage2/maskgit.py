@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layers.transformer import Transformer
-from stage2.prior import Prior
+from stage2.ar import init_gpt_weights
+from stage2.options import TOKEN_SAMPLING, SamplingOption
+from stage2.prior import Prior, PriorLoss
 from stage2.sampling import cfg_logits, filter_logits
 from stage2.schedules import get_schedule, mask_ratio
 
@@ -156,7 +158,6 @@ class MaskGITPrior(Prior):
     """Class-conditional (or unconditional) masked-token prior with MaskGIT's parallel decoding.
 
     Args:
-        codes, code_spec, num_classes, tokenizer_path: see :func:`stage2.prior.resolve_code_spec`.
         dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the
             :class:`layers.transformer.Transformer` (always bidirectional). ``positions`` defaults to
             learned absolute embeddings, as in MaskGIT: at the first decoding step every input is the
@@ -166,16 +167,20 @@ class MaskGITPrior(Prior):
         mask_schedule: gamma of :mod:`stage2.schedules` used to draw training masks and, unless
             ``sample(schedule=...)`` says otherwise, to decode.
         label_smoothing: cross-entropy label smoothing on the masked positions (MaskGIT uses 0.1).
-        cond_drop_prob: probability of replacing a training label by the null class (for CFG).
-        lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio: AdamW + warmup/cosine.
+        **prior: the base arguments of :class:`stage2.prior.Prior` (codes, code_spec, num_classes,
+            tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
     """
+
+    sampling_options = (
+        SamplingOption("steps", int, 8, "parallel decoding steps"),
+        *TOKEN_SAMPLING,
+        SamplingOption("choice_temperature", float, 4.5, "Gumbel noise on the confidences (annealed to 0)"),
+        SamplingOption("cfg_ramp", bool, False, "raise the guidance scale linearly over the steps"),
+        SamplingOption("schedule", str, None, "mask schedule for decoding (default: the training one)"),
+    )
 
     def __init__(
         self,
-        codes: str | None = None,
-        code_spec: Mapping[str, Any] | None = None,
-        num_classes: int | None = None,
-        tokenizer_path: str | None = None,
         dim: int = 256,
         depth: int = 8,
         heads: int = 8,
@@ -188,25 +193,14 @@ class MaskGITPrior(Prior):
         ffn_every: int = 1,
         mask_schedule: str = "cosine",
         label_smoothing: float = 0.1,
-        cond_drop_prob: float = 0.1,
-        lr: float = 3e-4,
-        weight_decay: float = 0.05,
-        betas: Sequence[float] = (0.9, 0.95),
-        warmup_steps: int = 500,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        **prior: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.setup_codes(codes, code_spec, num_classes, tokenizer_path)
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        super().__init__(**prior)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         get_schedule(mask_schedule)  # fail at construction, not at the first training step
         self.mask_schedule = mask_schedule
         self.label_smoothing = label_smoothing
-        self.cond_drop_prob = cond_drop_prob
         self.mask_id = self.codebook_size
         grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
         rope2d = positions == "rope2d"
@@ -215,24 +209,11 @@ class MaskGITPrior(Prior):
             max_len=None if rope2d else self.seq_len + 1, grid=grid if rope2d else None, num_prefix=1,
             dropout=dropout, ffn=self.hparams["ffn"], ffn_every=ffn_every,
         )
-        self.tok_emb = nn.Embedding(self.codebook_size + 1, dim)  # last row = the mask token
-        self.cls_emb = nn.Embedding((self.num_classes or 0) + 1, dim)  # last row = the null class
-        self.level_emb = nn.Embedding(self.code_depth, dim) if self.code_depth else None
+        self.embed = self.code_embedding(dim, extra_tokens=1)  # last row = the mask token
+        self.classes = self.class_embedding(dim)
         self.head = nn.Linear(dim, self.codebook_size)  # the mask is never a prediction
-        self.apply(self._init_weights)
+        self.apply(init_gpt_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes or 0
-
-    # --- network ------------------------------------------------------------------------------
     def _flat_tokens(self, tokens: Tensor) -> Tensor:
         """Accept codes ``(B, *grid[, depth])`` or already-flat tokens ``(B, N)`` (mask ids allowed)."""
         if tokens.dim() == 2 and tokens.shape[1] == self.seq_len:
@@ -246,65 +227,29 @@ class MaskGITPrior(Prior):
         ``labels``: ``(B,)`` classes, the null class where dropped; ``None`` = all null.
         """
         flat = self._flat_tokens(tokens)
-        b = flat.shape[0]
-        if labels is None:
-            labels = torch.full((b,), self.null_class, dtype=torch.long, device=flat.device)
-        x = self.tok_emb(flat)
-        if self.level_emb is not None:
-            levels = torch.arange(flat.shape[1], device=flat.device) % self.code_depth
-            x = x + self.level_emb(levels)
-        x = torch.cat([self.cls_emb(labels)[:, None], x], dim=1)
+        x = torch.cat([self.classes(labels, flat.shape[0])[:, None], self.embed(flat)], dim=1)
         h, aux = self.transformer(x)
         return self.head(h[:, 1:]), aux
 
-    # --- training -----------------------------------------------------------------------------
-    def _masked_loss(
-        self, batch: Mapping[str, Tensor], train: bool, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], int]:
+    def loss(self, codes: Tensor, labels: Tensor | None, context: Tensor | None = None,
+             generator: torch.Generator | None = None) -> PriorLoss:
         """Mask a schedule-drawn fraction of each sample; cross-entropy on the masked positions only.
 
-        Returns (loss with label smoothing, plain NLL, accuracy/ratio stats, aux dict, batch size).
+        Label smoothing applies in training only; ``nll`` is the plain cross-entropy (a training loss,
+        not a likelihood of the sequence).
         """
-        target = self.flatten_codes(batch["codes"])
+        target = self.flatten_codes(codes)
         b, n = target.shape
-        labels = self.batch_labels(batch)
-        if labels is not None and train and self.cond_drop_prob > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         r = torch.rand(b, generator=generator, device=target.device)
         mask = random_mask(r, n, self.mask_schedule, generator=generator)
-        inputs = target.masked_fill(mask, self.mask_id)
-        logits, aux = self(inputs, labels)
-        picked = logits[mask].float()
-        wanted = target[mask]
-        smoothing = self.label_smoothing if train else 0.0
+        logits, aux = self(target.masked_fill(mask, self.mask_id), labels)
+        picked, wanted = logits[mask].float(), target[mask]
+        smoothing = self.label_smoothing if self.training else 0.0
         loss = F.cross_entropy(picked, wanted, label_smoothing=smoothing)
         nll = loss.detach() if smoothing == 0 else F.cross_entropy(picked.detach(), wanted)
-        stats = {
-            "masked_acc": (picked.detach().argmax(-1) == wanted).float().mean(),
-            "mask_ratio": mask.float().mean(),
-        }
-        return loss, nll, stats, aux, b
+        stats = {"masked_acc": (picked.detach().argmax(-1) == wanted).float().mean()}
+        return PriorLoss(loss, nll, aux, stats)
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        ce, nll, stats, aux, b = self._masked_loss(batch, train=True)
-        loss = ce + aux["aux_loss"]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/nll", nll, batch_size=b)
-        self.log("train/masked_acc", stats["masked_acc"], batch_size=b)
-        self.log_aux(aux, "train", b)
-        return loss
-
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        # the same masks at every validation, so that val/loss moves with the model, not the draw
-        g = torch.Generator(device=self.device).manual_seed(batch_idx)
-        _, nll, stats, aux, b = self._masked_loss(batch, train=False, generator=g)
-        self.log("val/loss", nll, prog_bar=True, batch_size=b, sync_dist=True)
-        self.log("val/bits_per_token", nll / math.log(2), batch_size=b, sync_dist=True)
-        self.log("val/masked_acc", stats["masked_acc"], batch_size=b, sync_dist=True)
-        self.log_aux(aux, "val", b)
-
-    # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
@@ -319,6 +264,7 @@ class MaskGITPrior(Prior):
         cfg_ramp: bool = False,
         schedule: str | None = None,
         generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Sample ``n`` code grids ``(n, *grid[, depth])`` in ``steps`` parallel decoding steps.
 
@@ -331,27 +277,19 @@ class MaskGITPrior(Prior):
         """
         schedule = schedule or self.mask_schedule
         get_schedule(schedule)
-        labels = self.cond_tensor(n, cond)
-        guided = cfg_scale != 0 and labels is not None
-        if labels is None:
-            labels = torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
-        both = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        labels, guided = self.guidance_labels(n, cond, cfg_scale)
 
         def logits_fn(tokens: Tensor, step: int) -> Tensor:
             if not guided:
                 return self(tokens, labels)[0].float()
-            logits = self(tokens.repeat(2, 1), both)[0].float()
+            logits = self(tokens.repeat(2, 1), labels)[0].float()
             scale = cfg_scale * (step + 1) / steps if cfg_ramp else cfg_scale
             return cfg_logits(logits[:n], logits[n:], scale)
 
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             flat = maskgit_decode(
                 logits_fn, n, self.seq_len, self.mask_id, steps=steps, temperature=temperature, top_k=top_k,
                 top_p=top_p, choice_temperature=choice_temperature, schedule=schedule, generator=generator,
                 device=self.device,
             )
-        finally:
-            self.train(was_training)
         return self.unflatten_codes(flat)

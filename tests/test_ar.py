@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -84,7 +83,7 @@ def test_guided_greedy_sampling_follows_the_batched_cfg_formula():
     torch.manual_seed(2)
     model = _prior()
     with torch.no_grad():
-        model.cls_emb.weight.mul_(50)  # make the class matter so guidance changes the argmax
+        model.classes.table.weight.mul_(50)  # make the class matter so guidance changes the argmax
     cond = torch.tensor([0, 1, 2, 0, 1])
     codes = model.sample(5, cond=cond, temperature=0.0, cfg_scale=3.0)
     assert not torch.equal(codes, model.sample(5, cond=cond, temperature=0.0))
@@ -101,7 +100,7 @@ def test_unconditional_paths():
     assert codes.shape == (5, 3, 3)
     assert torch.equal(_sample(model, cfg_scale=4.0), codes)  # nothing to guide towards
     uncond = _prior(num_classes=None)
-    assert not hasattr(uncond, "cls_emb")
+    assert uncond.classes.table.num_embeddings == 1  # the learned start vector is the null row
     assert _sample(uncond, top_k=3, top_p=0.9).shape == (5, 3, 3)
     with pytest.raises(ValueError, match="unconditional"):
         uncond.sample(2, cond=1)
@@ -126,9 +125,9 @@ def test_cached_sampling_draws_from_the_teacher_forced_distribution(layout, num_
 
     torch.manual_seed(0)
     model = ARPrior(code_spec=CACHE_SPECS[layout], num_classes=num_classes, **TINY).eval()
-    if model.level_emb is not None:
+    if model.embed.levels is not None:
         with torch.no_grad():  # level embeddings far from zero: a missing level term shows at once
-            model.level_emb.weight.normal_(0, 1.0)
+            model.embed.levels.weight.normal_(0, 1.0)
     seen: list[torch.Tensor] = []
     real = ar.sample_from_logits
     monkeypatch.setattr(ar, "sample_from_logits", lambda logits, *a, **k: seen.append(logits) or real(logits, *a, **k))
@@ -175,13 +174,10 @@ def test_load_prior_refuses_other_kinds(tmp_path):
 
 def test_code_spec_resolves_from_manifest_into_hparams(tmp_path):
     folder = tmp_path / "codes"
-    folder.mkdir()
-    tokenizer = {"path": "runs/vq/last.ckpt", "sha256": "0" * 64}
-    manifest = {"code_spec": SPEC, "num_classes": 3, "tokenizer": tokenizer}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_synthetic_code_folder(folder, n_train=8, n_val=4)  # the manifest is read by data.codes only
     model = ARPrior(codes=str(folder), **TINY)
     assert model.hparams["code_spec"] == SPEC and model.hparams["num_classes"] == 3
-    assert model.hparams["tokenizer_path"] == "runs/vq/last.ckpt"
+    assert model.hparams["tokenizer_path"] == "none.ckpt"
     (folder / "manifest.json").unlink()  # the stored hparams alone rebuild it
     rebuilt = ARPrior(**dict(model.hparams))
     assert rebuilt.num_classes == 3 and rebuilt.seq_len == 9
@@ -196,7 +192,7 @@ def test_moe_ffn_adds_aux_loss_and_refuses_sequence_mixing_routers():
     moe = {"target": "layers.moe.MoE", "params": {"num_experts": 4, "top_k": 2, "hidden_dim": 32}}
     model = _prior(ffn=moe).train()
     batch = {"codes": torch.randint(0, 12, (4, 3, 3)), "label": torch.tensor([0, 1, 2, 0])}
-    nll, aux, _ = model._nll(batch, drop_labels=True)
+    aux = model.loss(batch["codes"], batch["label"]).aux
     assert aux["aux_loss"] > 0 and any(k.startswith("layer0/") for k in aux)
     assert _sample(model.eval()).shape == (5, 3, 3)  # T=1 cached decoding through the MoE
     ec = {"target": "layers.moe.MoE",

@@ -159,8 +159,8 @@ def _sample(model: MaskGITPrior, seed: int = 7, n: int = 5, **kw) -> torch.Tenso
 
 def test_prior_forward_calls_and_mask_token_layout() -> None:
     model = _prior()
-    assert model.mask_id == 12 and model.tok_emb.num_embeddings == 13 and model.head.out_features == 12
-    assert model.cls_emb.num_embeddings == 4 and model.null_class == 3
+    assert model.mask_id == 12 and model.embed.tokens.num_embeddings == 13 and model.head.out_features == 12
+    assert model.classes.table.num_embeddings == 4 and model.null_class == 3
     calls = []
     original = model.forward
     model.forward = lambda tokens, labels=None: calls.append(tokens.clone()) or original(tokens, labels)
@@ -182,7 +182,9 @@ def test_training_loss_is_cross_entropy_on_exactly_the_masked_positions() -> Non
     model.forward = spy
     codes = torch.randint(0, 12, (8, 3, 3), generator=torch.Generator().manual_seed(0))
     batch = {"codes": codes, "label": torch.arange(8) % 3}
-    loss, nll, _, _, _ = model._masked_loss(batch, train=True, generator=torch.Generator().manual_seed(4))
+    model.train()
+    out = model.loss(codes, batch["label"], generator=torch.Generator().manual_seed(4))
+    loss, nll = out.loss, out.nll
     r = torch.rand(8, generator=torch.Generator().manual_seed(4))
     masked = seen["tokens"] == model.mask_id
     assert masked.sum(1).tolist() == mask_counts(r, 9, "cosine").tolist()
@@ -194,7 +196,9 @@ def test_training_loss_is_cross_entropy_on_exactly_the_masked_positions() -> Non
     assert torch.equal(seen["labels"], batch["label"])
     smooth = _prior(label_smoothing=0.2, cond_drop_prob=0.0)
     smooth.load_state_dict(model.state_dict())
-    s_loss, s_nll, *_ = smooth._masked_loss(batch, train=True, generator=torch.Generator().manual_seed(4))
+    smooth.train()
+    s_out = smooth.loss(codes, batch["label"], generator=torch.Generator().manual_seed(4))
+    s_loss, s_nll = s_out.loss, s_out.nll
     torch.testing.assert_close(s_nll, nll)
     # same weights and masks, so the same logits: smoothing mixes in the mean NLL over all codes
     uniform = -seen["logits"][masked].log_softmax(-1).mean(-1).mean()
@@ -250,7 +254,7 @@ def test_cfg_ramp_raises_the_scale_linearly(monkeypatch) -> None:
 
 def test_unconditional_prior_and_bad_arguments() -> None:
     model = _prior(num_classes=None)
-    assert model.cls_emb.num_embeddings == 1 and model.null_class == 0
+    assert model.classes.table.num_embeddings == 1 and model.null_class == 0
     assert _sample(model, top_k=3, steps=3).shape == (5, 3, 3)
     with pytest.raises(ValueError, match="unconditional"):
         model.sample(2, cond=1)
@@ -283,7 +287,7 @@ def test_moe_ffn_slot_accepts_sequence_mixing_routers() -> None:
     topk = {"target": "layers.moe.MoE", "params": {"num_experts": 4, "top_k": 2, "hidden_dim": 32}}
     model = _prior(ffn=topk).train()
     batch = {"codes": torch.randint(0, 12, (4, 3, 3)), "label": torch.tensor([0, 1, 2, 0])}
-    _, _, _, aux, _ = model._masked_loss(batch, train=True)
+    aux = model.loss(batch["codes"], batch["label"]).aux
     assert aux["aux_loss"] > 0 and any(k.startswith("layer0/") for k in aux)
     # expert choice looks at the whole sequence: refused by the causal AR prior, fine here
     ec = {"target": "layers.moe.MoE",
