@@ -108,3 +108,93 @@ def test_resuming_with_a_differently_shaped_model_names_the_fix(run_root):
     train(cfg, run_root, ["trainer.max_steps=2", "trainer.val_check_interval=2"])
     with pytest.raises(ConfigError, match="--fresh"):
         train(cfg, run_root, ["trainer.max_steps=4", "model.params.embed_dim=4"])
+
+
+# -- run-folder safety (issue 11) -------------------------------------------------------------------------
+SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint_every_n_steps=1000"]
+
+
+def test_interrupt_leaves_a_single_last_checkpoint(run_root, monkeypatch):
+    original = train_mod.build_trainer
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [_InterruptAt(3)]))
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, ["checkpoint_every_n_steps=1000"])
+    names = sorted(p.name for p in (run_root / "vqvae" / "checkpoints").iterdir())
+    assert names == ["last.ckpt"], f"two saves of 'last' at interrupt: {names}"
+
+
+def test_a_refused_resume_leaves_the_saved_config_untouched(run_root):
+    from layers.instantiate import ConfigError
+
+    cfg = CONFIGS / "smoke" / "vqvae.yaml"
+    train(cfg, run_root, SHORT)
+    saved = (run_root / "vqvae" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="--fresh"):
+        train(cfg, run_root, [*SHORT, "model.params.embed_dim=4"])
+    assert (run_root / "vqvae" / "config.yaml").read_text() == saved
+
+
+def test_a_locked_run_folder_is_refused_and_a_stale_lock_is_taken_over(run_root):
+    import json
+    import socket
+
+    from tokenforge.run_lock import RunFolderLockedError
+
+    run = run_root / "vqvae"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    with pytest.raises(RunFolderLockedError, match=f"in use by process {os.getpid()}"):
+        train(CONFIGS / "smoke" / "vqvae.yaml", run_root, SHORT)
+    assert sorted(p.name for p in run.iterdir()) == [".lock"], "the refused run must not write anything"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, SHORT)  # the owner is gone: taken over
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / ".lock").exists()
+
+
+def test_a_truncated_last_checkpoint_names_fresh_or_falls_back_to_an_intact_one(run_root):
+    from stage1.tokenizer import CorruptCheckpointError
+
+    cfg = CONFIGS / "smoke" / "vqvae.yaml"
+    train(cfg, run_root, SHORT)
+    ckpts = run_root / "vqvae" / "checkpoints"
+    last = ckpts / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match="--fresh") as err:
+        train(cfg, run_root, ["trainer.max_steps=4", "trainer.val_check_interval=2"])
+    assert "\n" not in str(err.value) and "truncated" in str(err.value)
+
+    (ckpts / "step2.ckpt").write_bytes(data)  # an intact older checkpoint
+    with pytest.warns(UserWarning, match="newest intact checkpoint"):
+        trainer = train(cfg, run_root, ["trainer.max_steps=4", "trainer.val_check_interval=2"])
+    assert trainer.global_step == 4  # resumed at step 2, not restarted
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+
+
+def test_checkpoints_are_renamed_into_place_from_beside_the_target(run_root, monkeypatch):
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((Path(src), Path(dst))) or real(src, dst))
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, SHORT)
+    last = run_root / "vqvae" / "checkpoints" / "last.ckpt"
+    into_last = [src for src, dst in renames if dst == last]
+    assert into_last and all(src.parent == last.parent for src in into_last), renames
+
+
+def test_a_failed_start_leaves_no_run_folder(run_root, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train(CONFIGS / "smoke" / "vqgan.yaml", run_root, ["data.params.dataset=folder",
+                                                            f"data.params.root={tmp_path / 'missing'}"])
+    assert not (run_root / "vqgan").exists()
+
+
+def test_labels_beyond_the_priors_classes_are_refused_before_training(run_root, tmp_path):
+    from helpers import write_synthetic_code_folder
+    from layers.instantiate import ConfigError
+
+    write_synthetic_code_folder(tmp_path / "codes")  # labels 0..2
+    with pytest.raises((ConfigError, ValueError), match="num_classes"):
+        train(CONFIGS / "smoke" / "ar.yaml", run_root, [f"data.params.codes={tmp_path / 'codes'}",
+                                                        "model.params.num_classes=2", "trainer.max_steps=2"])

@@ -273,6 +273,3 @@ def check_spec_tree(node: Any, where: str, base: Base | None = None) -> None:
             check_spec_tree(v, f"{where}[{i}]")
     elif base is not None:
         raise ConfigError(f"{where}: expected a component spec {{target, params}}, got {type(node).__name__}")
-
-
-_merge_overrides = merge_overrides  # transitional alias for callers not yet updated (evaluate.py)

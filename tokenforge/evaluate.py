@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from data.atomic import atomic_write_text
-from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
 from modalities import Evaluator, modality_of
-from stage1.tokenizer import load_tokenizer, read_checkpoint
-from tokenforge.config import merge_overrides, section_bases, to_plain
+from tokenforge.cli import positive_int
 from tokenforge.report import write_report
+from tokenforge.runs import open_run
+from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs
 from tokenforge.usage_plot import save_usage_histogram
 
 
@@ -41,8 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     p.add_argument("--out", help="folder for report.md and plots (default: <run>/eval)")
     p.add_argument("--split", default="val", choices=["train", "val"], help="real split to compare with (default val)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N real examples (quick checks)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N real examples (quick checks)")
     p.add_argument("--fid", default="auto", choices=["auto", "domain", "inception", "none"],
                    help="FID features: auto = Inception if its weights are present, else the domain classifier "
                         "(--classifier or runs/domain/<dataset>.pt), else none")
@@ -50,35 +50,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--inception-weights", help="path of weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--lpips", default="auto", choices=["auto", "vgg", "alex", "none"],
                    help="LPIPS backbone; auto = vgg when its torchvision weights are cached, else skipped")
-    p.add_argument("--num-samples", type=int, default=1000, help="samples to generate for a prior (default 1000)")
+    p.add_argument("--num-samples", type=positive_int, default=1000,
+                   help="samples to generate for a prior (default 1000)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint for a prior (default: the one it records)")
-    p.add_argument("--cfg", type=float, default=None, help="prior sampling: guidance scale")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", dest="top_k", type=int, default=None)
-    p.add_argument("--top-p", dest="top_p", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
-    p.add_argument("--choice-temperature", dest="choice_temperature", type=float, default=None)
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_intermixed_args(argv)
 
 
 def build_datamodule(ckpt: dict[str, Any], overrides: Sequence[str], batch_size: int) -> Any:
-    """The DataModule a tokenizer was trained on, from the config stored in its checkpoint."""
-    config = (ckpt.get("tokenforge") or {}).get("config")
-    if not config or "data" not in config:
-        raise ValueError("the checkpoint stores no data config; pass a checkpoint written by scripts/train.py")
-    cfg = merge_overrides(OmegaConf.create({"data": config["data"]}), list(overrides))
-    data_spec = to_plain(cfg)["data"]
-    params = data_spec.setdefault("params", {})
-    if "batch_size" in params:
-        params["batch_size"] = batch_size
-    dm = instantiate(data_spec, where="data", base=section_bases()["data"])
+    """Transitional, for callers not yet moved to ``tokenforge.runs.open_run(path).datamodule(...)``."""
+    from tokenforge.runs import Run
+
+    dm = Run(Path("checkpoint"), "tokenizer", ckpt, None).datamodule(overrides, batch_size)
     dm.setup("validate")
     return dm
 
 
 def split_loader(dm: Any, split: str) -> Any:
+    dm.setup("validate")
     if split == "train":
         dm.setup("fit")
         return dm.split_dataloader("train") if hasattr(dm, "split_dataloader") else dm.train_dataloader()
@@ -125,8 +116,6 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
 def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Namespace,
                    evaluator: Evaluator) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
     """Generate samples and compare them with the real split; returns (results, first samples, their classes)."""
-    from tokenforge.sample import sampling_kwargs
-
     device = args.device
     kwargs = sampling_kwargs(prior, args)
     n = args.num_samples
@@ -175,28 +164,15 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    ckpt = read_checkpoint(args.checkpoint)
-    kind = ckpt["tokenforge"]["kind"]
+    run = open_run(args.checkpoint, map_location=args.device, tokenizer=args.tokenizer)
+    kind, tokenizer, prior = run.kind, run.tokenizer, run.model
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "eval"
     plots: dict[str, Path] = {}
-    if kind == "tokenizer":
-        tokenizer = load_tokenizer(args.checkpoint, map_location=args.device)
-        tok_ckpt = ckpt
-    elif kind == "prior":
-        from stage2.prior import load_prior
-
-        prior = load_prior(args.checkpoint, map_location=args.device)
-        from tokenforge.sample import load_prior_tokenizer
-
-        tok_path, tokenizer = load_prior_tokenizer(prior, args.tokenizer, args.device)
-        tok_ckpt = read_checkpoint(tok_path, expected_kind="tokenizer")
-    else:
-        raise ValueError(f"{args.checkpoint} holds a {kind!r}; evaluate.py takes tokenizers and priors")
-    dm = build_datamodule(tok_ckpt, args.overrides, args.batch_size)
+    dm = run.datamodule(args.overrides, args.batch_size)
     modality = modality_of(tokenizer.code_spec)
     options = {"fid": args.fid, "classifier": args.classifier, "lpips": args.lpips, "device": args.device,
                "inception_weights": args.inception_weights,
-               "dataset": (tok_ckpt["tokenforge"]["config"]["data"].get("params") or {}).get("dataset")}
+               "dataset": (run.data_config().get("params") or {}).get("dataset")}
     loader = split_loader(dm, args.split)
     if kind == "tokenizer":
         evaluator = modality.reconstruction_evaluator(options)

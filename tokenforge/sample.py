@@ -10,7 +10,6 @@ into ``--out``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,60 +20,24 @@ import torch
 
 from data.atomic import atomic_write, atomic_write_text
 from modalities import modality_of
-from stage1.tokenizer import load_tokenizer
-from stage2.prior import load_prior
-
-# CLI flag -> keyword of Prior.sample; only flags the user gave are passed on.
-SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "cfg": "cfg_scale",
-                  "steps": "steps", "choice_temperature": "choice_temperature"}
+from tokenforge.cli import positive_int
+from tokenforge.runs import open_run
+from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="a prior checkpoint, e.g. runs/ar/checkpoints/last.ckpt")
-    p.add_argument("-n", "--num", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("-n", "--num", type=positive_int, default=16, help="number of samples (default 16)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
                    help="class label(s) for a class-conditional prior; several are cycled over the samples")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (0 = none)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", dest="top_k", type=int, default=None)
-    p.add_argument("--top-p", dest="top_p", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="decoding steps (MaskGIT)")
-    p.add_argument("--choice-temperature", dest="choice_temperature", type=float, default=None, help="(MaskGIT)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="samples drawn per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples drawn per forward pass")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the prior)")
     p.add_argument("--out", help="output folder (default: <run>/samples/<settings>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_intermixed_args(argv)
-
-
-def sampling_kwargs(prior: Any, args: argparse.Namespace) -> dict[str, Any]:
-    accepted = inspect.signature(prior.sample).parameters
-    kwargs: dict[str, Any] = {}
-    for flag, key in SAMPLING_FLAGS.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if key not in accepted:
-            valid = [f"--{f.replace('_', '-')}" for f, k in SAMPLING_FLAGS.items() if k in accepted]
-            raise ValueError(f"--{flag.replace('_', '-')} does not apply to {type(prior).__name__}; "
-                             f"its sampling options are {', '.join(valid)}")
-        kwargs[key] = value
-    return kwargs
-
-
-def load_prior_tokenizer(prior: Any, override: str | None, device: str) -> tuple[str, Any]:
-    """The tokenizer a prior was trained on (or ``override``), checked against the prior's code spec."""
-    tok_path = override or prior.tokenizer_path
-    if not tok_path or not Path(tok_path).is_file():
-        raise FileNotFoundError(f"the prior's tokenizer checkpoint {tok_path!r} does not exist here; "
-                                "pass --tokenizer PATH")
-    tokenizer = load_tokenizer(tok_path, map_location=device)
-    spec, want = tokenizer.code_spec, prior.code_spec
-    if spec["codebook_size"] != want["codebook_size"] or list(spec["grid"]) != list(want["grid"]):
-        raise ValueError(f"tokenizer {tok_path} has code spec {spec}, but the prior was trained on {want}")
-    return str(tok_path), tokenizer
 
 
 def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
@@ -88,9 +51,9 @@ def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
-    prior = load_prior(args.checkpoint, map_location=args.device)
+    run = open_run(args.checkpoint, map_location=args.device, expect="prior", tokenizer=args.tokenizer)
+    prior, tokenizer, tok_path = run.model, run.tokenizer, run.tokenizer_path
     kwargs = sampling_kwargs(prior, args)
-    tok_path, tokenizer = load_prior_tokenizer(prior, args.tokenizer, args.device)
     labels = None
     if args.classes is not None:
         if prior.num_classes is None:
