@@ -389,3 +389,12 @@ def test_lightning_base_classes_are_what_the_sections_expect():
     bases = section_bases()
     assert bases["model"] is pl.LightningModule and bases["data"] is pl.LightningDataModule
     assert bases["callbacks"] is pl.Callback
+
+
+@pytest.mark.parametrize("argv", [["-n", "0"], ["--batch-size", "0"], ["--cfg", "-1"], ["--top-k", "0"]])
+def test_nonsense_numbers_fail_while_parsing_before_any_model_loads(tmp_path, argv, capsys):
+    from tokenforge.sample import main as sample
+
+    with pytest.raises(SystemExit) as err:
+        sample([str(tmp_path / "missing.ckpt"), *argv])  # the checkpoint is never opened
+    assert err.value.code == 2 and argv[0] in capsys.readouterr().err
