@@ -12,7 +12,7 @@ Candidates run interleaved, round-robin, and the figures are medians (the 2 core
 the ratio column is the median over rounds of (candidate time / dense time of the same round),
 robust to load drifting between rounds.
 
-Run: ``python bench/moe.py [--rounds 7]``. Install peers with
+Run: ``python bench/moe.py [--rounds 7] [--threads 2] [--only NAME,...]``. Install peers with
 ``pip install --no-deps st-moe-pytorch mixture-of-experts beartype colt5-attention local-attention
 hyper-connections`` (einops is needed too); a peer that is missing is reported and skipped.
 """
@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-torch.set_num_threads(2)
-
-from layers.moe import MoE  # noqa: E402
+from layers.moe import PEER, DeepSeekMoE, MoE, MultiHeadMoE  # noqa: E402
 
 E, K, D, H, B, T = 8, 2, 256, 1024, 32, 256
 OURS = "ours: TopKRouter (default: bmm if padding<=15%)"
@@ -91,6 +89,13 @@ def build_candidates() -> tuple[dict[str, nn.Module], list[str]]:
     mods["router TopAnyRouter (at init)"] = moe("TopAnyRouter")
     mods["router MoEPlusPlusRouter (1 zero,1 copy,2 const)"] = moe("MoEPlusPlusRouter")
     mods["ours: shared expert + TopKRouter"] = MoE(D, E, K, H, num_shared=1)
+    # Issue 21's layers at the same active parameters (PEER excepted: it has no dense equivalent).
+    mods["router SparseMixerRouter (GRIN, top-2)"] = moe("SparseMixerRouter")
+    mods["router StableMoERouter (stage 1, top-1)"] = MoE(D, E, 1, H, router={"target": "layers.moe.StableMoERouter"})
+    mods["DeepSeekMoE (32 experts of 256, 7 routed + 1 shared)"] = DeepSeekMoE(D, E, K, H, granularity=4, num_shared=1)
+    mods["MultiHeadMoE (4 heads of 64, top-2, hidden 1024)"] = MultiHeadMoE(D, heads=4, num_experts=E, top_k=K,
+                                                                           hidden_dim=H)
+    mods["PEER (128^2 experts, 8 heads x top-16; 128 neurons)"] = PEER(D, num_experts=128**2, top_k=16, heads=8)
     return mods, notes
 
 
@@ -109,7 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated substrings of candidate names to keep")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mods, notes = build_candidates()
     if args.only:

@@ -72,10 +72,13 @@ class PEER(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, self.dim)
         idx, scores = self.retrieve(xf)
+        n = xf.shape[0]
         gates = scores.softmax(-1)
-        u, v = self.down(idx), self.up(idx)  # (N, H, k, D)
-        h = ACTIVATIONS[self.activation](torch.einsum("nd,nhkd->nhk", xf, u))
-        y = torch.einsum("nhk,nhkd->nd", gates * h, v)
+        flat = idx.reshape(n, -1)  # (N, H*k): every head's experts of a token
+        h = ACTIVATIONS[self.activation](torch.bmm(self.down(flat), xf.unsqueeze(-1)).squeeze(-1))
+        # The weighted sum of the v_i as one embedding bag: the (N, H*k, D) gather of v is never built.
+        y = F.embedding_bag(flat, self.up.weight, per_sample_weights=(gates.reshape(n, -1) * h).to(xf.dtype),
+                            mode="sum")
         with torch.no_grad():
             load = torch.bincount(idx.flatten(), minlength=self.num_experts).float()
             aux = {"loss": xf.new_zeros(()), "experts_used_fraction": (load > 0).float().mean(),
