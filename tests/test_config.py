@@ -67,3 +67,27 @@ def test_missing_config_file_and_missing_value(tmp_path):
 def test_allowed_target_builds():
     layer = instantiate({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}})
     assert layer.weight.shape == (2, 3)
+
+
+@pytest.mark.parametrize("key", ["default_root_dir=/tmp/x", "callbacks=[]", "logger=false", "model_registry=m"])
+def test_trainer_keys_the_command_owns_are_refused(key):
+    with pytest.raises(ConfigError, match=f"trainer.{key.split('=')[0]} cannot be set"):
+        load_config(CONFIGS / "vqvae.yaml", [f"trainer.{key}"])
+
+
+@pytest.mark.parametrize("bad", ["max_steps=abc", "max_steps=1.5", "devices=[a]", "precision=17",
+                                 "limit_val_batches=x"])
+def test_trainer_values_are_type_checked(bad):
+    if bad == "devices=[a]":  # a list of names is a list: Lightning parses the entries itself
+        load_config(CONFIGS / "vqvae.yaml", [f"trainer.{bad}"])
+        return
+    with pytest.raises(ConfigError, match=f"trainer.{bad.split('=')[0]}=.*wrong type"):
+        load_config(CONFIGS / "vqvae.yaml", [f"trainer.{bad}"])
+
+
+def test_ordinary_trainer_values_pass():
+    cfg = to_plain(load_config(CONFIGS / "vqvae.yaml", [
+        "trainer.max_steps=5", "trainer.devices=[0,1]", "trainer.precision=bf16-mixed",
+        "trainer.val_check_interval=0.5", "trainer.max_epochs=null", "trainer.strategy=ddp",
+        "trainer.limit_val_batches=2", "trainer.max_time=00:01:00:00"]))
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["trainer"]["devices"] == [0, 1]
