@@ -36,8 +36,8 @@ def decode_first_levels(tokenizer: Any, codes: Tensor, levels: int) -> Tensor:
 class DepthReconstruction:
     """MSE and PSNR of the reconstruction from the first ``d`` levels, ``d = 1..depth``.
 
-    Inputs and reconstructions are in ``[-1, 1]``; PSNR is per example on ``[0, 1]`` (peak 1) and
-    averaged over examples, like :class:`metrics.reconstruction.ReconstructionMetrics`.
+    Inputs and reconstructions are in ``[-1, 1]``; like :class:`metrics.reconstruction.ReconstructionMetrics`,
+    MSE is on the ``[0, 1]`` scale and PSNR is per example on ``[0, 1]`` (peak 1), averaged over examples.
     """
 
     def __init__(self, depth: int) -> None:
@@ -61,12 +61,12 @@ class DepthReconstruction:
         self.values += x.numel()
 
     def compute(self) -> dict[str, float]:
-        """``mse_levels{d}`` (on the [-1, 1] scale) and ``psnr_levels{d}`` (dB) for ``d = 1..depth``."""
+        """``mse_levels{d}`` (on the [0, 1] scale) and ``psnr_levels{d}`` (dB) for ``d = 1..depth``."""
         if self.examples == 0:
             return {}
         out: dict[str, float] = {}
         for d in range(1, self.depth + 1):
-            out[f"mse_levels{d}"] = 4 * float(self.sq_err[d - 1]) / self.values
+            out[f"mse_levels{d}"] = float(self.sq_err[d - 1]) / self.values
             out[f"psnr_levels{d}"] = float(self.psnr[d - 1]) / self.examples
         return out
 
