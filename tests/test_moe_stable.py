@@ -71,12 +71,12 @@ def test_balance_loss_pushes_overloaded_expert_scores_down():
 
 
 def test_distilled_router_learns_the_assignment_then_freezes_routing():
-    moe = make(stage1_steps=150, distill_dim=16, balance_weight=0.0)
+    moe = make(stage1_steps=60, distill_dim=16, balance_weight=0.0)
     moe.router.centroids.data.normal_()
     x = torch.randn(4, 16, D)
-    opt = torch.optim.Adam(moe.router.parameters(), lr=0.05)
+    opt = torch.optim.Adam(moe.router.parameters(), lr=0.1)
     moe.train()
-    for _ in range(150):  # stage 1: only the router's losses, to learn the distilled router
+    for _ in range(60):  # stage 1: only the router's losses, to learn the distilled router
         r = moe.router(x)
         opt.zero_grad()
         r.loss.backward()
@@ -85,7 +85,7 @@ def test_distilled_router_learns_the_assignment_then_freezes_routing():
     backbone = (x.reshape(-1, D) @ moe.router.centroids.t()).argmax(-1)
     eval_route = moe.eval().router(x).expert_idx  # evaluation routes with the distilled router
     assert (eval_route == backbone).float().mean() > 0.9
-    r2 = moe.train().router(x)  # the 151st training forward enters stage 2
+    r2 = moe.train().router(x)  # the 61st training forward enters stage 2
     assert moe.router.stage == 2 and r2.loss.item() == 0.0
     assert not moe.router.distill_centroids.requires_grad
     fixed = r2.expert_idx.clone()
