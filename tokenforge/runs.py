@@ -165,16 +165,18 @@ def find_prior_tokenizer(ckpt: Mapping[str, Any], model: Any, path: Path, overri
         return Path(override), None
     if not recorded:
         raise FileNotFoundError(f"{path} records no tokenizer; pass --tokenizer PATH")
-    candidate = Path(recorded)
+    candidate, where = Path(recorded), "as recorded"
     if not candidate.is_absolute():
         beside = path.parent / candidate
         if ckpt_relative or beside.is_file():
-            candidate = beside
+            candidate, where = beside, "beside the checkpoint"
+        else:  # an older checkpoint recorded the path relative to the training's working directory
+            where = "relative to the working directory"
     if not candidate.is_file():
         raise FileNotFoundError(f"the tokenizer recorded in {path} ({recorded!r}, looked for {candidate}) does not "
                                 "exist here; pass --tokenizer PATH")
     how = "SHA-256 checked" if sha else "no recorded hash to check"
-    log(f"tokenizer: {candidate} (recorded in {path.name}; {how})")
+    log(f"tokenizer: {candidate} (recorded in {path.name}, found {where}; {how})")
     return candidate, sha
 
 
