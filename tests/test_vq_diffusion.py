@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from stage2.discrete_diffusion import DiscreteDiffusion, ImportanceStepSampler, guided_log_p_x0, truncate
+from stage2.discrete_diffusion import (
+    DiscreteDiffusion,
+    ImportanceStepSampler,
+    guided_log_p_x0,
+    stratified_steps,
+    truncate,
+)
 
 K, T = 3, 6  # tiny vocabulary (plus the mask) and a short chain: every matrix below is explicit
 
@@ -230,7 +236,8 @@ def test_adaptive_norm_starts_as_the_plain_norm_and_modulates_per_sample():
     torch.nn.init.normal_(norm.modulation[1].weight)
     y = norm(x, c)
     scale, shift = norm.modulation(c).chunk(2, -1)
-    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
+    plain = torch.nn.functional.layer_norm(x, (8,), eps=1e-6)
+    torch.testing.assert_close(y, plain * (1 + scale[:, None]) + shift[:, None])
 
     net = Transformer(8, 2, 2, causal=False, positions="none", max_len=5, cond_dim=4)
     with pytest.raises(ValueError, match="needs cond"):
@@ -238,3 +245,242 @@ def test_adaptive_norm_starts_as_the_plain_norm_and_modulates_per_sample():
     for block in net.blocks:
         torch.nn.init.normal_(block.norm1.modulation[1].weight)
     assert not torch.allclose(net(x, cond=c)[0], net(x, cond=c.flip(0))[0])
+
+
+# ---------------------------------------------------------------- the prior: network, loss, samplers
+
+SPEC = {"grid": [3, 3], "depth": None, "codebook_size": 12, "continuous_dim": None}
+TINY = {"dim": 32, "depth": 2, "heads": 4, "diffusion_steps": 10}
+
+
+def _prior(**kw):
+    from stage2.vq_diffusion import VQDiffusionPrior
+
+    return VQDiffusionPrior(code_spec=SPEC, num_classes=kw.pop("num_classes", 3), **{**TINY, **kw})
+
+
+def _sample(model, seed: int = 7, n: int = 5, **kw) -> torch.Tensor:
+    return model.sample(n, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_reverse_times_skip_evenly_from_T_to_zero():
+    from stage2.vq_diffusion import reverse_times
+
+    assert reverse_times(100, 100) == list(range(100, -1, -1))
+    assert reverse_times(100, 25) == list(range(100, -1, -4))
+    assert reverse_times(10, 3) == [10, 7, 3, 0]
+    with pytest.raises(ValueError):
+        reverse_times(10, 11)
+
+
+@pytest.mark.parametrize("steps", [10, 4, 1])
+def test_a_certain_model_is_reproduced_exactly_by_both_samplers(steps):
+    from stage2.vq_diffusion import diffusion_decode, purity_decode
+
+    diff = DiscreteDiffusion(12, 10)
+    target = torch.randint(0, 12, (3, 9))
+    calls = []
+
+    def certain(x_t, t):  # p(x_0 | x_t) = delta(target): every posterior draw must lead to it
+        calls.append(int(t[0]))
+        return diff.log_onehot(target)
+
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(diffusion_decode(certain, diff, 3, 9, steps, generator=g), target)
+    assert len(calls) == steps and calls[0] == 10
+    calls.clear()
+    assert torch.equal(purity_decode(certain, diff, 3, 9, steps, purity_weight=1.0, generator=g), target)
+
+
+def test_purity_decode_unmasks_on_schedule_most_confident_first_and_never_changes_a_token():
+    from stage2.vq_diffusion import purity_decode
+
+    diff = DiscreteDiffusion(12, 10)
+    n, length = 64, 9
+    confident = torch.zeros(length, dtype=torch.bool)
+    confident[[1, 4]] = True  # two positions are near-certain, the rest near-uniform
+    seen: list[torch.Tensor] = []
+
+    def model(x_t, t):
+        seen.append(x_t.clone())
+        logits = torch.zeros(x_t.shape[0], length, 12)
+        logits[:, confident, 3] = 12.0
+        return logits.log_softmax(-1)
+
+    out = purity_decode(model, diff, n, length, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (out < 12).all()
+    masks = [int((x == 12).sum(1)[0]) for x in seen] + [0]
+    for x in seen:  # every row follows the same count
+        assert ((x == 12).sum(1) == (x[0] == 12).sum()).all()
+    want = [length] + [round(length * float(diff.gbar[s])) for s in range(9, 0, -1)] + [0]
+    # steps that unmask nothing skip the network, so the observed counts are the distinct scheduled ones
+    assert masks == sorted(set(want), reverse=True) or masks == list(dict.fromkeys(want))
+    for before, after in zip(seen, seen[1:] + [out]):  # an unmasked token never changes
+        kept = before != 12
+        assert torch.equal(after[kept], before[kept])
+    # the first step unmasks one position, drawn in proportion to purity (max p, normalised by the row's
+    # max): 1 at the two confident positions, 1/12 at the seven others, so P(confident) = 2 / (2 + 7/12)
+    first = seen[1]
+    assert ((first != 12).sum(1) == 1).all()
+    assert (first[:, confident] != 12).any(1).float().mean().item() == pytest.approx(2 / (2 + 7 / 12), abs=0.12)
+
+
+def test_forward_shapes_and_time_and_class_conditioning():
+    model = _prior()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    x_t = torch.randint(0, 13, (4, 9))
+    logits, aux = model(x_t, torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]))
+    assert logits.shape == (4, 9, 12) and "aux_loss" in aux
+    # the step and the class (3 = the learned null class) both change the prediction
+    other_t, _ = model(x_t, torch.tensor([5, 6, 7, 8]), torch.tensor([0, 1, 2, 3]))
+    other_y, _ = model(x_t, torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 3, 0]))
+    assert not torch.allclose(logits, other_t) and not torch.allclose(logits, other_y)
+
+
+def test_training_loss_is_the_weighted_bound_plus_aux_cross_entropy():
+    model = _prior(aux_weight=0.1, cond_drop_prob=0.0).eval()  # eval: uniform t, as in validation
+    batch = {"codes": torch.randint(0, 12, (6, 3, 3)), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    g = torch.Generator().manual_seed(3)
+    out = model.loss(batch["codes"], batch["label"], generator=g)
+    # recompute with the same draws: uniform t, q_sample, the explicit KL/decoder terms and CE
+    g = torch.Generator().manual_seed(3)
+    x0 = batch["codes"].reshape(6, 9)
+    t = stratified_steps(6, 10, g)
+    x_t = model.diffusion.q_sample(x0, t, g)
+    log_p = model(x_t, t, batch["label"])[0].log_softmax(-1)
+    vlb = model.diffusion.vlb_terms(log_p, x0, x_t, t).sum(1)
+    ce = -log_p.gather(-1, x0[..., None])[..., 0].sum(1)
+    torch.testing.assert_close(out.loss, ((vlb + 0.1 * ce) * 10 / 9).mean())  # divided by p(t) = 1/10
+    torch.testing.assert_close(out.nll, (vlb * 10 / 9).mean())
+    torch.testing.assert_close(out.stats["x0_nll"], (ce / 9).mean())
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_training_reduces_the_bound_and_sampling_gives_valid_codes():
+    torch.manual_seed(0)
+    model = _prior(cond_drop_prob=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    labels = torch.arange(64) % 3
+    codes = ((torch.arange(9)[None] * (labels[:, None] + 1)) % 12).view(64, 3, 3)
+
+    def val() -> float:
+        model.eval()
+        return model.loss(codes, labels, generator=torch.Generator().manual_seed(0)).nll.item()
+
+    before = val()
+    model.train()
+    for _ in range(60):
+        loss = model.loss(codes, model.drop_labels(labels)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert val() < 0.6 * before
+    model.eval()
+    for kw in ({}, {"steps": 4}, {"purity": True, "purity_weight": 1.0}, {"truncation": 0.9, "cfg_scale": 1.0},
+               {"steps": 3, "purity": True}):
+        out = _sample(model, cond=torch.tensor([0, 1, 2, 0, 1]), **kw)
+        assert out.shape == (5, 3, 3) and out.dtype == torch.long
+        assert out.min() >= 0 and out.max() < 12, kw  # no [MASK] left, only valid codes
+    pattern = (torch.arange(9)[None] * (torch.arange(3)[:, None] + 1)) % 12
+    greedy = _sample(model, n=3, cond=torch.arange(3), truncation=0.01)  # top-1: the mode of p(x_0)
+    assert (greedy.reshape(3, 9) == pattern).float().mean() > 0.6
+
+
+def test_cfg_scale_zero_equals_unguided_sampling_and_guidance_changes_it():
+    torch.manual_seed(1)
+    model = _prior().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    cond = torch.tensor([0, 1, 2, 1, 0])
+    plain = _sample(model, cond=cond)
+    assert torch.equal(_sample(model, cond=cond, cfg_scale=0.0), plain)
+    assert torch.equal(_sample(model, cond=cond, cfg_scale=0.0, purity=True), _sample(model, cond=cond, purity=True))
+    assert not torch.equal(_sample(model, cond=cond, cfg_scale=3.0), plain)
+    assert not torch.equal(_sample(model, seed=8, cond=cond), plain)
+
+
+def test_unconditional_and_residual_priors_and_moe_ffn():
+    model = _prior(num_classes=None)
+    assert model.classes.table.num_embeddings == 1
+    assert _sample(model, steps=3).shape == (5, 3, 3)
+    with pytest.raises(ValueError, match="unconditional"):
+        model.sample(2, cond=1)
+    from stage2.vq_diffusion import VQDiffusionPrior
+
+    residual = VQDiffusionPrior(code_spec={**SPEC, "grid": [2, 3], "depth": 2}, num_classes=None, **TINY)
+    assert residual.seq_len == 12 and _sample(residual, steps=2).shape == (5, 2, 3, 2)
+    moe = {"target": "layers.moe.MoE", "params": {"num_experts": 4, "top_k": 2, "hidden_dim": 32}}
+    m = _prior(ffn=moe).train()
+    batch = {"codes": torch.randint(0, 12, (4, 3, 3)), "label": torch.tensor([0, 1, 2, 0])}
+    out = m.loss(batch["codes"], batch["label"])
+    assert out.aux["aux_loss"] > 0 and torch.isfinite(out.loss)
+
+
+def test_importance_sampling_trains_and_its_history_is_checkpointed():
+    model = _prior(importance_sampling=True).train()
+    for _ in range(3):
+        model.loss(torch.randint(0, 12, (8, 3, 3)), torch.arange(8) % 3)
+    assert model.step_sampler.count.sum() == 24
+    state = model.state_dict()
+    assert "step_sampler.loss_sq" in state and not any(k.startswith("diffusion.") for k in state)
+
+
+# ---------------------------------------------------------------- end to end through the front door
+
+
+def test_codes_train_sample_round_trip_through_the_commands(tmp_path):
+    import csv
+
+    from helpers import write_synthetic_code_folder
+    from stage2.prior import load_prior
+    from stage2.vq_diffusion import VQDiffusionPrior
+    from tokenforge.train import main
+
+    codes = tmp_path / "codes"
+    write_synthetic_code_folder(codes)
+    trainer = main(["configs/smoke/vq_diffusion.yaml", f"data.params.codes={codes}", "trainer.max_steps=40",
+                    "--runs", str(tmp_path / "runs")])
+    assert trainer.global_step == 40
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "vq_diffusion" / "logs" / "csv" / "metrics.csv")))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) >= 2 and val[-1] < val[0], val
+    path = tmp_path / "runs" / "vq_diffusion" / "checkpoints" / "last.ckpt"
+    loaded = load_prior(path)
+    assert isinstance(loaded, VQDiffusionPrior) and loaded.num_classes == 3 and loaded.code_spec == SPEC
+    model = trainer.lightning_module.eval()
+    x_t, t, y = torch.randint(0, 13, (4, 9)), torch.tensor([1, 5, 10, 20]), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_t, t, y)[0], model(x_t, t, y)[0])
+    out = _sample(loaded, cond=2, n=4, steps=5)
+    assert torch.equal(out, _sample(model, cond=2, n=4, steps=5))
+    assert out.shape == (4, 3, 3) and out.min() >= 0 and out.max() < 12
+
+    # `scripts/sample.py CKPT` builds its flags from the declared sampling options
+    from tokenforge.sample import parse_args
+    from tokenforge.sampling_args import sampling_kwargs
+
+    args = parse_args([str(path), "-n", "4", "--steps", "5", "--cfg", "1.5", "--truncation", "0.9", "--purity",
+                       "--purity-weight", "1.0"])
+    kwargs = sampling_kwargs(loaded, args)
+    assert kwargs == {"steps": 5, "cfg_scale": 1.5, "truncation": 0.9, "purity": True, "purity_weight": 1.0}
+    guided = _sample(loaded, cond=1, n=4, **kwargs)
+    assert guided.shape == (4, 3, 3) and guided.min() >= 0 and guided.max() < 12
+    with pytest.raises(SystemExit):  # a token-sampler flag the prior does not declare is refused
+        parse_args([str(path), "--top-k", "3"])
+
+
+def test_uniform_steps_are_stratified_over_the_batch_and_uniform_marginally():
+    sampler = ImportanceStepSampler(10)
+    g = torch.Generator().manual_seed(0)
+    t, pt = sampler.sample(20, torch.device("cpu"), generator=g)
+    assert torch.equal(torch.bincount(t, minlength=11)[1:], torch.full((10,), 2))  # every step twice
+    assert torch.equal(pt, torch.full((20,), 0.1))
+    firsts = torch.stack([sampler.sample(3, torch.device("cpu"), generator=g)[0][0] for _ in range(3000)])
+    freq = torch.bincount(firsts, minlength=11)[1:].double() / 3000  # one sample's t is uniform over 1..10
+    assert (freq - 0.1).abs().max() < 0.02
