@@ -36,7 +36,7 @@ LATENT_DIMS = range(4, 33)
 
 
 class KLVAE(Tokenizer):
-    """Continuous tokenizer: ``encode(x) -> (B, latent_dim, *grid)`` posterior means, ``decode(z) -> x``.
+    """Continuous tokenizer: ``encode(x) -> (B, *grid, latent_dim)`` posterior means, ``decode(codes) -> x``.
 
     Args:
         encoder, decoder, resolution: as for the quantized autoencoders (the decoder mirrors the encoder).
@@ -120,17 +120,23 @@ class KLVAE(Tokenizer):
 
     @torch.no_grad()
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Posterior means ``(B, latent_dim, *grid)`` (or reparametrised samples with ``sample=True``)."""
+        """Codes: posterior means channel-last ``(B, *grid, latent_dim)``, the layout of a ``continuous``
+        code spec (code files, priors); ``sample=True`` gives reparametrised samples instead."""
         q = self.posterior(x)
-        return q.sample(generator) if sample else q.mean
+        return (q.sample(generator) if sample else q.mean).movedim(1, -1)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype)))
+        """Channel-last latents ``(B, *grid, latent_dim)`` (any float dtype) -> data."""
+        return self.decode_latent(codes.movedim(-1, 1))
+
+    def decode_latent(self, z: Tensor) -> Tensor:
+        """Channel-first latents ``(B, latent_dim, *grid)`` -> data (differentiable)."""
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def forward(self, x: Tensor, sample: bool = True) -> tuple[Tensor, DiagonalGaussian, dict[str, Tensor]]:
         q = self.posterior(x)
-        xrec = self.decoder(self.post_quant_conv(q.sample() if sample else q.mean))
+        xrec = self.decode_latent(q.sample() if sample else q.mean)
         aux: dict[str, Tensor] = {}
         extra = [a["aux_loss"] for a in (collect_aux(self.encoder), collect_aux(self.decoder)) if "aux_loss" in a]
         if extra:

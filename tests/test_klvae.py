@@ -17,7 +17,7 @@ ENC = {"in_channels": 1, "z_channels": 8, "channels": 8, "ch_mult": [1, 2], "num
 
 
 def _tiny(**kw) -> KLVAE:
-    return KLVAE(encoder=ENC, resolution=8, latent_dim=4, **kw)
+    return KLVAE(encoder=ENC, resolution=8, latent_dim=6, **kw)
 
 
 def test_kl_and_its_gradient_match_the_closed_form():
@@ -66,10 +66,11 @@ def test_objective_is_summed_reconstruction_plus_beta_kl():
 def test_code_spec_encode_decode_are_continuous_and_deterministic():
     model = _tiny().eval()
     spec = model.code_spec
-    assert spec["continuous"] == {"dim": 4} and spec["codebook_size"] is None and spec["grid"] == [4, 4]
+    assert spec["continuous"] == {"dim": 6} and spec["codebook_size"] is None and spec["grid"] == [4, 4]
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     z = model.encode(x)
-    assert z.shape == (2, 4, 4, 4) and z.dtype == torch.float32
+    assert z.shape == (2, 4, 4, 6) and z.dtype == torch.float32  # (B, H, W, d)
+    torch.testing.assert_close(z, model.posterior(x).mean.movedim(1, -1))
     assert torch.equal(z, model.encode(x))  # the mean: no noise
     z1 = model.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
     z2 = model.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
@@ -130,4 +131,4 @@ def test_smoke_config_trains_and_reloads(run_root):
     tok = load_tokenizer(run / "checkpoints" / "last.ckpt")
     assert tok.code_spec["continuous"] == {"dim": 4}
     z = tok.encode(torch.zeros(2, 1, 28, 28))
-    assert z.shape == (2, 4, 7, 7)
+    assert z.shape == (2, 7, 7, 4)  # channel-last, as the code spec lays continuous codes out
