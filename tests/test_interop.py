@@ -104,3 +104,29 @@ def test_foreign_checkpoint_errors_name_the_problem(tmp_path):
     OmegaConf.save({"model": {"params": {"embed_dim": 4, "n_embed": 16, "ddconfig": dd}}}, tmp_path / "ok.yaml")
     with pytest.raises(ForeignCheckpointError, match="weights_only"):
         load_taming_vqgan(tmp_path / "p.ckpt", tmp_path / "ok.yaml")
+
+
+def test_imported_diffusers_tokenizer_works_with_tokenize_and_evaluate(tmp_path, shapes_folder):
+    """After import, our commands treat the foreign tokenizer like one of ours."""
+    from diffusers import VQModel
+
+    from data.codes import code_folder_info
+    from tokenforge.cli import run
+
+    torch.manual_seed(0)
+    VQModel(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=32,
+            norm_num_groups=8, norm_type="spatial", layers_per_block=1, sample_size=16).save_pretrained(tmp_path / "vq")
+    ckpt = tmp_path / "imported" / "last.ckpt"
+    assert run("import_tokenizer", ["--diffusers", str(tmp_path / "vq"), "--out", str(ckpt),
+                                    "--root", str(shapes_folder), "--size", "16"]) == 0
+    codes = tmp_path / "codes"
+    assert run("tokenize", [str(ckpt), "--out", str(codes), "--batch-size", "8"]) == 0
+    spec = code_folder_info(codes)["code_spec"]
+    assert spec["grid"] == [8, 8] and spec["codebook_size"] == 32
+    assert run("evaluate", [str(ckpt), "--out", str(tmp_path / "eval"), "--fid", "none", "--lpips", "none",
+                            "--json", str(tmp_path / "eval.json")]) == 0
+    import json
+
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert "psnr" in json.dumps(report).lower()

@@ -19,7 +19,7 @@ from stage1.tokenizer import CheckpointKindError, CorruptCheckpointError
 from tokenforge.run_lock import RunFolderLockedError
 
 COMMANDS = {"train": "tokenforge.train", "tokenize": "tokenforge.tokenize", "sample": "tokenforge.sample",
-            "evaluate": "tokenforge.evaluate"}
+            "evaluate": "tokenforge.evaluate", "import_tokenizer": "tokenforge.import_tokenizer"}
 
 # Errors that mean "the input is wrong": print the message (which names the fix) and exit 2. Our code
 # raises ValueError subclasses for bad values (configs, data, checkpoints), so ValueError counts too;
@@ -62,6 +62,10 @@ def sample() -> None:
 
 def evaluate() -> None:
     main("evaluate")
+
+
+def import_tokenizer() -> None:
+    main("import_tokenizer")
 
 
 # -- argument types: refuse nonsense while parsing, before any model is loaded ------------------------
