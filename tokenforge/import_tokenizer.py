@@ -1,7 +1,7 @@
 """``import_tokenizer``: turn a tokenizer trained by another library into a tokenforge checkpoint.
 
     python scripts/import_tokenizer.py --diffusers path/to/movq --out runs/movq_imported/checkpoints/last.ckpt
-    python scripts/import_tokenizer.py --taming last.ckpt --taming-config model.yaml --out runs/taming/checkpoints/last.ckpt
+    python scripts/import_tokenizer.py --taming last.ckpt --taming-config model.yaml --out runs/taming/last.ckpt
 
 The weights are mapped onto our :class:`~stage1.vqgan.VQGAN` by :mod:`stage1.interop` (weights-only,
 nothing downloaded) and written as a checkpoint every command opens: ``tokenize``, ``evaluate``, and
