@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from layers.transformer import Transformer
 from stage2.ar import init_gpt_weights
-from stage2.options import TOKEN_SAMPLING, SamplingOption
+from stage2.context import ContextGrid, context_inputs
+from stage2.options import TOKEN_SAMPLING, SamplingOption, non_negative_float, positive_int
 from stage2.prior import Prior, PriorLoss
 from stage2.sampling import cfg_logits, filter_logits
 from stage2.schedules import get_schedule, mask_ratio
@@ -171,10 +172,11 @@ class MaskGITPrior(Prior):
             tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
     """
 
+    accepts_context = True  # context_level: a conditioning code grid added per cell (stage2.context)
     sampling_options = (
-        SamplingOption("steps", int, 8, "parallel decoding steps"),
+        SamplingOption("steps", positive_int, 8, "parallel decoding steps"),
         *TOKEN_SAMPLING,
-        SamplingOption("choice_temperature", float, 4.5, "Gumbel noise on the confidences (annealed to 0)"),
+        SamplingOption("choice_temperature", non_negative_float, 4.5, "Gumbel noise on the confidences (to 0)"),
         SamplingOption("cfg_ramp", bool, False, "raise the guidance scale linearly over the steps"),
         SamplingOption("schedule", str, None, "mask schedule for decoding (default: the training one)"),
     )
@@ -212,6 +214,8 @@ class MaskGITPrior(Prior):
         self.embed = self.code_embedding(dim, extra_tokens=1)  # last row = the mask token
         self.classes = self.class_embedding(dim)
         self.head = nn.Linear(dim, self.codebook_size)  # the mask is never a prediction
+        ctx = self.context_layout()
+        self.context = ContextGrid(ctx, self.layout, dim) if ctx is not None else None
         self.apply(init_gpt_weights)
 
     def _flat_tokens(self, tokens: Tensor) -> Tensor:
@@ -220,14 +224,17 @@ class MaskGITPrior(Prior):
             return tokens.long()
         return self.flatten_codes(tokens)
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tokens: Tensor, labels: Tensor | None = None,
+                context: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits ``(B, N, V)`` over the real codes at every code position, and the aux dict.
 
         ``tokens``: codes with ``mask_id`` where unknown, shaped like codes or flat ``(B, N)``.
         ``labels``: ``(B,)`` classes, the null class where dropped; ``None`` = all null.
         """
         flat = self._flat_tokens(tokens)
-        x = torch.cat([self.classes(labels, flat.shape[0])[:, None], self.embed(flat)], dim=1)
+        codes = self.embed(flat)
+        ctx = context_inputs(self.context, context, flat.shape[0])  # the conditioning grid, added per cell
+        x = torch.cat([self.classes(labels, flat.shape[0])[:, None], codes if ctx is None else codes + ctx], dim=1)
         h, aux = self.transformer(x)
         return self.head(h[:, 1:]), aux
 
@@ -242,7 +249,7 @@ class MaskGITPrior(Prior):
         b, n = target.shape
         r = torch.rand(b, generator=generator, device=target.device)
         mask = random_mask(r, n, self.mask_schedule, generator=generator)
-        logits, aux = self(target.masked_fill(mask, self.mask_id), labels)
+        logits, aux = self(target.masked_fill(mask, self.mask_id), labels, context)
         picked, wanted = logits[mask].float(), target[mask]
         smoothing = self.label_smoothing if self.training else 0.0
         loss = F.cross_entropy(picked, wanted, label_smoothing=smoothing)
@@ -281,8 +288,8 @@ class MaskGITPrior(Prior):
 
         def logits_fn(tokens: Tensor, step: int) -> Tensor:
             if not guided:
-                return self(tokens, labels)[0].float()
-            logits = self(tokens.repeat(2, 1), labels)[0].float()
+                return self(tokens, labels, context)[0].float()
+            logits = self(tokens.repeat(2, 1), labels, context)[0].float()
             scale = cfg_scale * (step + 1) / steps if cfg_ramp else cfg_scale
             return cfg_logits(logits[:n], logits[n:], scale)
 

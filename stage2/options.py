@@ -10,7 +10,7 @@ The options every token sampler shares (temperature, top-k, top-p, guidance) are
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +20,12 @@ class SamplingOption:
     """One keyword of a prior's ``sample``: its type, default and help, and its command-line flag.
 
     ``flag`` defaults to ``--name`` with dashes (``top_k`` -> ``--top-k``); ``type`` is ``bool`` for
-    switches (``--flag`` / ``--no-flag``), else the callable that parses the command-line string.
+    switches (``--flag`` / ``--no-flag``), else the callable that parses (and range-checks) the
+    command-line string.
     """
 
     name: str
-    type: type
+    type: Callable[[str], Any]
     default: Any
     help: str
     flag: str | None = None
@@ -34,8 +35,34 @@ class SamplingOption:
         return self.flag or "--" + self.name.replace("_", "-")
 
 
+def _number(kind: type, text: str, low: float, strict: bool, allow_none: bool) -> Any:
+    """Parse ``text`` as ``kind`` no smaller than ``low`` (strictly above with ``strict``); ``"none"`` -> None."""
+    if allow_none and text.lower() == "none":
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, 0.0, strict=False, allow_none=False)
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, 1, strict=False, allow_none=False)
+
+
+def optional_positive_int(text: str) -> int | None:
+    """``"none"`` switches the option off (lets a flag undo a default that is set)."""
+    return _number(int, text, 1, strict=False, allow_none=True)
+
+
 def optional_int(text: str) -> int | None:
-    """``"none"`` -> None, else an int (lets a flag switch off an option whose default is set)."""
+    """``"none"`` -> None, else any int."""
     return None if text.lower() == "none" else int(text)
 
 
@@ -43,10 +70,17 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-TEMPERATURE = SamplingOption("temperature", float, 1.0, "softmax temperature (0 = greedy)")
-TOP_K = SamplingOption("top_k", optional_int, None, "sample only among the k most likely codes")
-TOP_P = SamplingOption("top_p", optional_float, None, "nucleus sampling: smallest set of codes with this mass")
-CFG_SCALE = SamplingOption("cfg_scale", float, 0.0,
+def optional_probability(text: str) -> float | None:
+    value = _number(float, text, 0.0, strict=True, allow_none=True)
+    if value is not None and value > 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+TEMPERATURE = SamplingOption("temperature", non_negative_float, 1.0, "softmax temperature (0 = greedy)")
+TOP_K = SamplingOption("top_k", optional_positive_int, None, "sample only among the k most likely codes")
+TOP_P = SamplingOption("top_p", optional_probability, None, "nucleus sampling: smallest set of codes with this mass")
+CFG_SCALE = SamplingOption("cfg_scale", non_negative_float, 0.0,
                            "classifier-free guidance: cond + s * (cond - uncond); 0 = none", flag="--cfg")
 TOKEN_SAMPLING = (TEMPERATURE, TOP_K, TOP_P, CFG_SCALE)
 

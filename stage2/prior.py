@@ -418,6 +418,19 @@ def prior_class(target: str) -> type[Prior]:
     return cls
 
 
+def sampling_options_of(path: str | Path | None) -> tuple[SamplingOption, ...]:
+    """The sampling options the prior stored at ``path`` declares; ``()`` for anything else (a tokenizer,
+    a missing or unreadable file: the command then reports that itself). Memory-maps the checkpoint,
+    so only its metadata is read."""
+    if not path or not Path(path).is_file():
+        return ()
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_KEY) or {}
+        return prior_class(meta["target"]).sampling_options if meta.get("kind") == "prior" else ()
+    except Exception:  # noqa: BLE001 - not a readable prior: no flags; loading it later says why
+        return ()
+
+
 def prior_from_checkpoint(ckpt: Mapping[str, Any], path: str | Path,
                           map_location: str | torch.device = "cpu") -> Prior:
     """Rebuild a prior from an already loaded checkpoint dict, in eval mode (see :func:`load_prior`)."""

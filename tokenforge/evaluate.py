@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=positive_int, default=1000,
                    help="samples to generate for a prior (default 1000)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint for a prior (default: the one it records)")
-    add_sampling_flags(p)
+    add_sampling_flags(p, argv)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_intermixed_args(argv)

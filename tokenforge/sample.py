@@ -31,7 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-n", "--num", type=positive_int, default=16, help="number of samples (default 16)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
                    help="class label(s) for a class-conditional prior; several are cycled over the samples")
-    add_sampling_flags(p)
+    add_sampling_flags(p, argv)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples drawn per forward pass")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the prior)")
