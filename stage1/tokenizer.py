@@ -20,8 +20,9 @@ CHECKPOINT_KEY = "tokenforge"
 class Tokenizer(pl.LightningModule):
     """Stage-one LightningModule: ``encode(x) -> codes``, ``decode(codes) -> x``, ``code_spec``.
 
-    ``code_spec`` is a plain dict ``{"grid": [...], "depth": None|int, "codebook_size": int,
-    "continuous_dim": None|int}`` that stage two reads to size its embeddings.
+    ``code_spec`` is a plain dict that stage two and the commands read: ``{"modality": name (see
+    ``modalities/``), "layout": {"channels", "shape", ...}, "grid": [...], "depth": None|int,
+    "codebook_size": int, "continuous_dim": None|int, "decoder_output": {"channels", "shape", "range"}}``.
     """
 
     kind = "tokenizer"
@@ -37,6 +38,13 @@ class Tokenizer(pl.LightningModule):
 
     def decode(self, codes: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Tokenizing as Lightning prediction: a batch's codes, with its positions (and labels) passed on."""
+        out = {"codes": self.encode(batch["x"]), "index": batch["index"]}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.setdefault(CHECKPOINT_KEY, {})

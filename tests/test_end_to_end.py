@@ -11,9 +11,9 @@ import torch
 
 from data.codes import CodeFileError, CodeWriter, read_manifest
 from helpers import CONFIGS, train
-from stage1 import CheckpointKindError, load_tokenizer, read_checkpoint
-from tokenforge.evaluate import build_datamodule
+from stage1 import CheckpointKindError, load_tokenizer
 from tokenforge.evaluate import main as evaluate
+from tokenforge.runs import open_run
 from tokenforge.sample import main as sample
 from tokenforge.tokenize import main as tokenize
 
@@ -22,7 +22,7 @@ def test_load_tokenizer_round_trips_and_matches_the_code_files(tokenizer_and_cod
     ckpt, codes = tokenizer_and_codes
     tok = load_tokenizer(ckpt)
     assert not tok.training
-    dm = build_datamodule(read_checkpoint(ckpt), [], batch_size=8)
+    dm = open_run(ckpt).datamodule(batch_size=8)
     dm.setup("fit")
     batch = next(iter(dm.split_dataloader("train")))
     c = tok.encode(batch["x"])
@@ -39,6 +39,10 @@ def test_load_tokenizer_round_trips_and_matches_the_code_files(tokenizer_and_cod
     assert (tok.encode(xrec) == c).float().mean() > 0.5
 
 
+class SimulatedKill(RuntimeError):
+    """Stands for a kill mid-run (Lightning turns a real KeyboardInterrupt into sys.exit(1))."""
+
+
 def test_interrupted_tokenize_resumes_with_identical_bytes(tokenizer_and_codes, tmp_path, monkeypatch):
     ckpt, reference = tokenizer_and_codes
     out = tmp_path / "codes"
@@ -47,12 +51,12 @@ def test_interrupted_tokenize_resumes_with_identical_bytes(tokenizer_and_codes, 
 
     def dying_write(self, *args, **kwargs):
         if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
+            raise SimulatedKill("simulated kill")
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(CodeWriter, "write_shard", dying_write)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedKill):
         tokenize([str(ckpt), "--out", str(out), "--shard-size", "64", "--batch-size", "32"])
     assert len(list(out.glob("train-*.npy"))) == 2 + 2  # two shards: codes + labels files
     monkeypatch.setattr(CodeWriter, "write_shard", original)
