@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -79,12 +80,57 @@ def code_dtype(code_spec: Mapping[str, Any]) -> np.dtype:
 
 
 def sample_shape(code_spec: Mapping[str, Any]) -> tuple[int, ...]:
-    """Shape of one item's codes: ``(*grid)`` or ``(*grid, depth)``."""
+    """Shape of one item's codes: ``(*grid)`` or ``(*grid, depth)``; ``(total,)`` for a hierarchical spec,
+    whose levels are stored packed (see :func:`pack_levels`)."""
+    levels = level_shapes(code_spec)
+    if levels is not None:
+        return (sum(math.prod(shape) for shape in levels.values()),)
     grid = code_spec.get("grid")
     if not isinstance(grid, Sequence) or not grid:
         raise CodeFileError(f"code_spec needs a non-empty 'grid', got {grid!r}")
     depth = code_spec.get("depth")
     return tuple(int(g) for g in grid) + ((int(depth),) if depth else ())
+
+
+def level_shapes(code_spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Item shape of each level of a hierarchical spec (``"levels"``: VQ-VAE-2), in packing order (sorted
+    names, so the order survives a manifest's sorted keys); ``None`` for a flat spec."""
+    levels = code_spec.get("levels")
+    if not levels:
+        return None
+    return {name: sample_shape({**levels[name], "levels": None}) for name in sorted(levels)}
+
+
+def pack_levels(codes: Mapping[str, torch.Tensor], code_spec: Mapping[str, Any]) -> torch.Tensor:
+    """``{level: (n, *shape)}`` -> ``(n, total)``: every level flattened, concatenated in packing order.
+
+    One array per shard keeps the shard format (hashes, ranges, resuming) the same for hierarchical codes;
+    the manifest records each level's shape and offset."""
+    shapes = level_shapes(code_spec) or {}
+    if set(codes) != set(shapes):
+        raise CodeFileError(f"codes hold levels {sorted(codes)}, the code spec {sorted(shapes)}")
+    parts = []
+    for name, shape in shapes.items():
+        level = torch.as_tensor(codes[name])
+        if tuple(level.shape[1:]) != shape:
+            raise CodeFileError(f"level {name!r} codes of shape {tuple(level.shape)} do not match the code spec: "
+                                f"expected (n, {', '.join(map(str, shape))})")
+        size = code_spec["levels"][name].get("codebook_size")
+        if level.numel() and (int(level.min()) < 0 or (size and int(level.max()) >= size)):
+            raise CodeFileError(f"level {name!r} codes span [{int(level.min())}, {int(level.max())}], outside "
+                                f"its codebook [0, {size})")
+        parts.append(level.reshape(level.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_levels(flat: torch.Tensor, code_spec: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_levels`: ``(n, total)`` -> ``{level: (n, *shape)}``."""
+    out, start = {}, 0
+    for name, shape in (level_shapes(code_spec) or {}).items():
+        size = math.prod(shape)
+        out[name] = flat[:, start:start + size].reshape(flat.shape[0], *shape)
+        start += size
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -355,12 +401,18 @@ class CodeWriter:
             for e in listed:
                 if e["max_label"] is not None:
                     max_label = e["max_label"] if max_label is None else max(max_label, e["max_label"])
-        return {
+        manifest = {
             "format": FORMAT, "version": VERSION, "tokenizer": self.tokenizer, "code_spec": self.code_spec,
             "dtype": self.dtype.name, "sample_shape": list(self.sample_shape), "shard_size": self.shard_size,
             "num_classes": None if max_label is None else max_label + 1,
             "complete": complete, "splits": splits,
         }
+        levels = level_shapes(self.code_spec)
+        if levels is not None:  # hierarchical codes: each level's shape and where it lies in a packed item
+            offsets = np.cumsum([0] + [math.prod(shape) for shape in levels.values()])
+            manifest["levels"] = {name: {"shape": list(shape), "offset": int(offsets[i])}
+                                  for i, (name, shape) in enumerate(levels.items())}
+        return manifest
 
     def _write_manifest(self, complete: bool) -> dict[str, Any]:
         manifest = self._manifest(complete)
@@ -369,8 +421,11 @@ class CodeWriter:
 
     # writing -------------------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, codes: Any, labels: Any = None) -> Path:
-        """Write shard ``index`` of ``split`` (codes ``(n, *sample_shape)``, labels ``(n,)``) atomically."""
+        """Write shard ``index`` of ``split`` (codes ``(n, *sample_shape)``, or ``{level: codes}`` for a
+        hierarchical spec, packed here; labels ``(n,)``) atomically."""
         self._check_split(split)
+        if isinstance(codes, Mapping):
+            codes = pack_levels(codes, self.code_spec)
         codes = _to_numpy(codes)
         if codes.ndim != 1 + len(self.sample_shape) or tuple(codes.shape[1:]) != self.sample_shape:
             raise CodeFileError(f"codes of shape {tuple(codes.shape)} do not match the code spec: expected "
@@ -526,7 +581,9 @@ class CodeDataset(Dataset):
             codes[rows] = shard_codes[local]
             if labels is not None:
                 labels[rows] = shard_labels[local]
-        batch = {"codes": torch.from_numpy(codes)}
+        batch: dict[str, Any] = {"codes": torch.from_numpy(codes)}
+        if "levels" in self.manifest:  # hierarchical: {level: (B, *shape)}
+            batch["codes"] = unpack_levels(batch["codes"], self.manifest["code_spec"])
         if labels is not None:
             batch["label"] = torch.from_numpy(labels)
         return batch
@@ -534,13 +591,19 @@ class CodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             index += self._length
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+        return _first(self.__getitems__([index]))
 
 
-def _collate(batch: Any) -> dict[str, torch.Tensor]:
+def _first(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Item 0 of a batch (level by level for hierarchical codes)."""
+    return {k: _first(v) if isinstance(v, Mapping) else v[0] for k, v in batch.items()}
+
+
+def _collate(batch: Any) -> dict[str, Any]:
     """Batches arrive whole from ``__getitems__``; a list of single items (no batching) is stacked."""
     if isinstance(batch, list):
-        return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+        return {k: _collate([b[k] for b in batch]) if isinstance(batch[0][k], Mapping)
+                else torch.stack([b[k] for b in batch]) for k in batch[0]}
     return batch
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layers.transformer import Transformer
+from stage2.context import ContextGrid, context_inputs
 from stage2.options import TOKEN_SAMPLING, SamplingOption
 from stage2.prior import Prior, PriorLoss
 from stage2.sampling import cfg_logits, sample_from_logits
@@ -46,6 +47,7 @@ class ARPrior(Prior):
             tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
     """
 
+    accepts_context = True  # context_level: a conditioning code grid added per cell (stage2.context)
     sampling_options = (*TOKEN_SAMPLING, SamplingOption(
         "use_cache", bool, True, "KV-cached decoding (off: recompute the prefix each step, the reference)"))
 
@@ -73,6 +75,8 @@ class ARPrior(Prior):
         self.embed = self.code_embedding(dim)
         self.classes = self.class_embedding(dim)  # the start token; the null row for unconditional
         self.head = nn.Linear(dim, self.codebook_size, bias=False)
+        ctx = self.context_layout()
+        self.context = ContextGrid(ctx, self.layout, dim) if ctx is not None else None
         self.apply(init_gpt_weights)
 
     def _inputs(self, flat: Tensor, labels: Tensor | None, batch: int) -> Tensor:
@@ -80,16 +84,20 @@ class ARPrior(Prior):
         x = torch.cat([self.classes(labels, batch)[:, None], self.embed.tokens(flat)], dim=1)
         return self.embed.add_levels(x, 0)
 
-    def forward(self, codes: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher-forced logits ``(B, N, V)`` for codes ``(B, *grid[, depth])``, and the aux dict."""
+    def forward(self, codes: Tensor, labels: Tensor | None = None,
+                context: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Teacher-forced logits ``(B, N, V)`` for codes ``(B, *grid[, depth])``, and the aux dict.
+        Input position ``t`` predicts cell ``t``, so it gets cell ``t``'s context."""
         flat = self.flatten_codes(codes)
-        h, aux = self.transformer(self._inputs(flat[:, :-1], labels, flat.shape[0]))
+        x = self._inputs(flat[:, :-1], labels, flat.shape[0])
+        ctx = context_inputs(self.context, context, flat.shape[0])
+        h, aux = self.transformer(x if ctx is None else x + ctx)
         return self.head(h), aux
 
     def loss(self, codes: Tensor, labels: Tensor | None, context: Tensor | None = None,
              generator: torch.Generator | None = None) -> PriorLoss:
         """Next-token cross-entropy over the whole sequence: the exact NLL of the codes."""
-        logits, aux = self(codes, labels)
+        logits, aux = self(codes, labels, context)
         target = self.flatten_codes(codes)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         return PriorLoss(nll, nll, aux)
@@ -113,18 +121,21 @@ class ARPrior(Prior):
         or ``n`` classes. ``cfg_scale`` guides as ``cond + s * (cond - uncond)`` (needs ``cond``).
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the KV cache is
         benchmarked against); both paths feed the same embeddings and draw the same random numbers.
+        ``context``: the ``context_level`` codes ``(n, ...)`` of a prior conditioned on another grid.
         """
         labels, guided = self.guidance_labels(n, cond, cfg_scale)
         rows = labels.shape[0]
+        ctx = context_inputs(self.context, context, rows)
         with self.evaluating():
             tokens = torch.zeros(rows, self.seq_len, dtype=torch.long, device=self.device)
             cache = self.transformer.new_cache(rows, self.seq_len) if use_cache else None
             for t in range(self.seq_len):
                 if cache is not None:  # feed position t only: the start token, then the last code
                     x = self._inputs(tokens[:, :0], labels, rows) if t == 0 else self.embed(tokens[:, t - 1 : t], t)
-                    h, _ = self.transformer(x, cache)
+                    h, _ = self.transformer(x if ctx is None else x + ctx[:, t : t + 1], cache)
                 else:
-                    h, _ = self.transformer(self._inputs(tokens[:, :t], labels, rows))
+                    x = self._inputs(tokens[:, :t], labels, rows)
+                    h, _ = self.transformer(x if ctx is None else x + ctx[:, : t + 1])
                 logits = self.head(h[:, -1]).float()
                 if guided:
                     logits = cfg_logits(logits[:n], logits[n:], cfg_scale)
