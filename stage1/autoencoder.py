@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
 from modalities import get_modality
+from stage1.conv_encoder_decoder import Decoder, Encoder, collect_aux
 from stage1.ema import ParameterEMA
-from stage1.networks import Decoder, Encoder, collect_aux
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 

@@ -27,9 +27,9 @@ from metrics.latent import LatentStatistics
 from metrics.lpips_offline import load_lpips, prepare_lpips_inputs
 from metrics.reconstruction import ReconstructionMetrics
 from stage1.autoencoder import _as_list, warmup_cosine
+from stage1.conv_encoder_decoder import Decoder, Encoder, collect_aux
 from stage1.gaussian import DiagonalGaussian
 from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
-from stage1.networks import Decoder, Encoder, collect_aux
 from stage1.tokenizer import Tokenizer
 
 LATENT_DIMS = range(4, 33)

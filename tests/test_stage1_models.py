@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from metrics.weights import MissingWeightsError
+from stage1.conv_encoder_decoder import Decoder, Encoder
 from stage1.ema import ParameterEMA
 from stage1.losses.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from stage1.networks import Decoder, Encoder
 from stage1.vqgan import VQGAN
 from stage1.vqvae import VQVAE
 
