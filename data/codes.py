@@ -1,7 +1,8 @@
 """The code-file format: integer codes from a stage-1 tokenizer, sharded, with a manifest.
 
 A code folder holds ``manifest.json`` and, per split, shards ``{split}-{index:05d}.npy`` (codes,
-``uint16`` when the codebook has at most 65536 entries, else ``int32``) and, when the data has labels,
+``uint16`` when the codebook has at most 65536 entries, else ``int32``; ``float16`` channel-last latents
+``(n, *grid, dim)`` for a ``continuous`` code spec, e.g. a KL-VAE's posterior means) and, when the data has labels,
 ``{split}-{index:05d}.labels.npy`` (int64). Shard ``i`` holds the split's items
 ``[i * shard_size, i * shard_size + count)``, so the shard index is a pure function of the data
 position: distributed ranks write disjoint shards and an interrupted run knows where to resume.
@@ -36,6 +37,7 @@ FORMAT = "tokenforge-codes"
 VERSION = 1
 MANIFEST = "manifest.json"
 UINT16_MAX_CODES = 65536
+FLOAT16_MAX = 65504.0
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.npy$")
 _LABELS_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.labels\.npy$")
@@ -68,8 +70,19 @@ def labels_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.labels.npy"
 
 
+def continuous_dim(code_spec: Mapping[str, Any]) -> int | None:
+    """Channels of a ``continuous`` code spec (``{"continuous": {"dim": d}}`` or ``continuous_dim``), else None."""
+    cont = code_spec.get("continuous")
+    dim = cont.get("dim") if isinstance(cont, Mapping) else None
+    dim = dim or code_spec.get("continuous_dim")
+    return int(dim) if dim else None
+
+
 def code_dtype(code_spec: Mapping[str, Any]) -> np.dtype:
-    """``uint16`` when every code fits (codebook_size <= 65536), else ``int32``."""
+    """``uint16`` when every code fits (codebook_size <= 65536), else ``int32``; ``float16`` for the
+    real-valued latents of a continuous code spec (a KL-VAE's posterior means, which GIVT models)."""
+    if continuous_dim(code_spec):
+        return np.dtype(np.float16)
     size = code_spec.get("codebook_size")
     if not isinstance(size, int) or size < 1:
         raise CodeFileError(
@@ -88,8 +101,9 @@ def sample_shape(code_spec: Mapping[str, Any]) -> tuple[int, ...]:
     grid = code_spec.get("grid")
     if not isinstance(grid, Sequence) or not grid:
         raise CodeFileError(f"code_spec needs a non-empty 'grid', got {grid!r}")
-    depth = code_spec.get("depth")
-    return tuple(int(g) for g in grid) + ((int(depth),) if depth else ())
+    # continuous latents (a KL-VAE's): channel-last ``(*grid, dim)``, as the tokenizer's encode returns them
+    depth, dim = code_spec.get("depth"), continuous_dim(code_spec)
+    return tuple(int(g) for g in grid) + ((int(depth),) if depth else ()) + ((dim,) if dim else ())
 
 
 def level_shapes(code_spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
@@ -372,10 +386,11 @@ class CodeWriter:
         """The manifest entry of one shard, from the files on disk."""
         path = self.folder / shard_name(split, index)
         codes = _open_npy(path)
+        discrete = codes.dtype.kind in "iu"
         entry: dict[str, Any] = {"index": index, "file": path.name, "count": int(codes.shape[0]),
                                  "sha256": sha256_file(path), "labels": None, "max_label": None,
-                                 "min_code": int(codes.min()) if codes.size else None,
-                                 "max_code": int(codes.max()) if codes.size else None}
+                                 "min_code": int(codes.min()) if codes.size and discrete else None,
+                                 "max_code": int(codes.max()) if codes.size and discrete else None}
         lpath = self.folder / labels_name(split, index)
         if lpath.is_file():
             labels = _open_npy(lpath)
@@ -433,12 +448,17 @@ class CodeWriter:
         n = codes.shape[0]
         if not 1 <= n <= self.shard_size:
             raise CodeFileError(f"a shard holds 1..{self.shard_size} items, got {n}")
-        if codes.dtype.kind not in "iu":
-            raise CodeFileError(f"codes must be integers, got {codes.dtype}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.code_spec["codebook_size"]:
-            size = self.code_spec["codebook_size"]
-            raise CodeFileError(f"codes span [{lo}, {hi}], outside the codebook [0, {size})")
+        if self.dtype.kind == "f":  # continuous latents: finite and inside float16's range
+            if codes.dtype.kind != "f" or not np.isfinite(codes).all() or np.abs(codes).max() > FLOAT16_MAX:
+                raise CodeFileError(f"continuous latents must be finite floats within ±{FLOAT16_MAX} (float16), "
+                                    f"got {codes.dtype} spanning [{codes.min()}, {codes.max()}]")
+        else:
+            if codes.dtype.kind not in "iu":
+                raise CodeFileError(f"codes must be integers, got {codes.dtype}")
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= self.code_spec["codebook_size"]:
+                size = self.code_spec["codebook_size"]
+                raise CodeFileError(f"codes span [{lo}, {hi}], outside the codebook [0, {size})")
         if labels is not None:
             labels = _to_numpy(labels)
             if labels.shape != (n,) or labels.dtype.kind not in "iu" or (n and labels.min() < 0):
@@ -534,7 +554,11 @@ class CodeDataset(Dataset):
                         f"{self.dtype.name} {want}; the folder is inconsistent (re-run the tokenize command "
                         "into a new --out)"
                     )
-                if check:
+                if check and self.dtype.kind == "f":  # latents: the hash only (no codebook to range-check)
+                    if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+                        raise CodeFileError(f"shard {path} does not match its SHA-256 in the manifest (corrupt "
+                                            "or changed); re-run the tokenize command into a new --out")
+                elif check:
                     lo, hi = checked_range(path, codes, entry.get("sha256") if verify else None)
                     size = int(self.manifest["code_spec"]["codebook_size"])
                     if lo < 0 or hi >= size:
@@ -572,7 +596,8 @@ class CodeDataset(Dataset):
             raise IndexError(f"index out of range for {self._length} items")
         maps = self._open()
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        codes = np.empty((len(idx), *self.sample_shape), dtype=np.int64)
+        # integer codes as int64; float16 latents as float32
+        codes = np.empty((len(idx), *self.sample_shape), dtype=np.float32 if self.dtype.kind == "f" else np.int64)
         labels = np.empty(len(idx), dtype=np.int64) if self.has_labels else None
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
