@@ -358,6 +358,11 @@ def test_training_loss_is_the_weighted_bound_plus_aux_cross_entropy():
     torch.testing.assert_close(out.stats["x0_nll"], (ce / 9).mean())
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # the official adaptive weight 2 - (t - 1) / T on the auxiliary term
+    model.adaptive_aux = True
+    adaptive = model.loss(batch["codes"], batch["label"], generator=torch.Generator().manual_seed(3)).loss
+    weight = 2 - (t - 1).float() / 10
+    torch.testing.assert_close(adaptive, ((vlb + 0.1 * weight * ce) * 10 / 9).mean())
 
 
 def test_training_reduces_the_bound_and_sampling_gives_valid_codes():
