@@ -59,15 +59,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def build_datamodule(ckpt: dict[str, Any], overrides: Sequence[str], batch_size: int) -> Any:
-    """Transitional, for callers not yet moved to ``tokenforge.runs.open_run(path).datamodule(...)``."""
-    from tokenforge.runs import Run
-
-    dm = Run(Path("checkpoint"), "tokenizer", ckpt, None).datamodule(overrides, batch_size)
-    dm.setup("validate")
-    return dm
-
-
 def split_loader(dm: Any, split: str) -> Any:
     dm.setup("validate")
     if split == "train":
