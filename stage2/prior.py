@@ -33,10 +33,11 @@ manifest (:func:`data.codes.code_folder_info`); ``tokenizer=CKPT`` instead train
 ``num_classes`` explicitly then). The RESOLVED spec is written back into the hyper-parameters, so the
 checkpoint alone rebuilds the model.
 
-Conditioning code grid (hook): with hierarchical codes the batch's ``codes`` is a mapping
-``{level: tensor}``; the prior models ``level`` and receives ``codes[context_level]`` as ``context``
-in ``loss`` and ``sample``. How it enters the network (cross-attention, an added upsampled embedding)
-is the subclass's choice; :meth:`context_layout` gives its shape.
+Conditioning code grid (hook): hierarchical codes arrive as a mapping ``{level: tensor}`` (from the
+tokenizer) or packed (from code files, :func:`data.codes.unpack_levels`); the prior models ``level``
+and receives ``codes[context_level]`` as ``context`` in ``loss`` (and, from the caller, in ``sample``).
+How it enters the network (cross-attention, an added upsampled embedding) is the subclass's choice;
+:meth:`context_layout` gives its shape.
 """
 
 from __future__ import annotations
@@ -312,6 +313,10 @@ class Prior(pl.LightningModule):
         """``(codes, labels, context)`` of a code-file batch or of a raw-data batch (``"x"``) encoded here."""
         codes = batch["codes"] if "codes" in batch else self.encode_batch(batch["x"])
         context = None
+        if self.code_spec.get("levels") and not isinstance(codes, Mapping):  # packed levels of a code file
+            from data.codes import unpack_levels
+
+            codes = unpack_levels(codes, self.code_spec)
         if isinstance(codes, Mapping):  # hierarchical codes: {level: codes}
             context = codes[self.context_level] if self.context_level else None
             codes = codes[self.level]
