@@ -36,7 +36,7 @@ from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
 from modalities import get_modality
 from stage1.autoencoder import _as_list, warmup_cosine
-from stage1.networks import Decoder, Encoder, Upsample, _conv
+from stage1.conv_encoder_decoder import Decoder, Encoder, Upsample, _conv
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 
@@ -59,9 +59,9 @@ class VQVAE2(Tokenizer):
         in_channels: input channels.
         z_channels: feature channels between the encoders.
         embed_dim: code vector size of every level (the quantizers' ``dim``).
-        encoder: shared :class:`stage1.networks.Encoder` keywords (channels, num_res_blocks, groups,
+        encoder: shared :class:`stage1.conv_encoder_decoder.Encoder` keywords (channels, num_res_blocks, groups,
             mid_attn, attn_levels, dims, dropout); the conditioning decoders use them too.
-        decoder: :class:`stage1.networks.Decoder` keywords of the output decoder; its ``ch_mult``
+        decoder: :class:`stage1.conv_encoder_decoder.Decoder` keywords of the output decoder; its ``ch_mult``
             defaults to the finest level's (so it undoes the finest encoder's downsampling).
         rec_loss, lr, betas, weight_decay, warmup_steps: training (as :class:`stage1.vqvae.VQVAE`).
         modality, layout: what the data is (recorded in the code spec).
