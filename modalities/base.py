@@ -56,6 +56,10 @@ class Modality:
     name: str = ""
     datamodule: str = ""  # the DataModule target its configs use
 
+    def for_spec(self, code_spec: Mapping[str, Any]) -> Modality:
+        """This modality configured by a code spec (audio reads its sample rate); most need nothing."""
+        return self
+
     # -- training ---------------------------------------------------------------------------------
     def perceptual_loss(self, options: Mapping[str, Any]) -> tuple[nn.Module | None, str]:
         """A frozen loss ``loss(reconstruction, target) -> (B, ...)`` added to the reconstruction term,
@@ -116,6 +120,6 @@ def available() -> list[str]:
 
 
 def modality_of(code_spec: Mapping[str, Any]) -> Modality:
-    """The modality a code spec names."""
-    return get_modality(code_spec.get("modality"))
+    """The modality a code spec names, bound to what the spec records (e.g. an audio sample rate)."""
+    return get_modality(code_spec.get("modality")).for_spec(code_spec)
 
