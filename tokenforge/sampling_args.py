@@ -20,15 +20,16 @@ from stage2.prior import sampling_options_of
 
 
 def prior_options_in(argv: Sequence[str] | None) -> tuple[SamplingOption, ...]:
-    """The declared sampling options of the first prior checkpoint among the arguments (flag values
-    and other files, such as ``--tokenizer``, are not prior checkpoints and are passed over)."""
+    """The declared sampling options of the prior checkpoints among the arguments, each name once (flag
+    values and other files, such as ``--tokenizer``, are not prior checkpoints and are passed over).
+    Several priors (the levels of a VQ-VAE-2) offer the union; each takes the ones it declares."""
     import sys
 
+    found: dict[str, SamplingOption] = {}
     for arg in sys.argv[1:] if argv is None else argv:
-        options = () if arg.startswith("-") else sampling_options_of(arg)
-        if options:
-            return options
-    return ()
+        for option in () if arg.startswith("-") else sampling_options_of(arg):
+            found.setdefault(option.name, option)
+    return tuple(found.values())
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:

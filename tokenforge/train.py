@@ -115,6 +115,8 @@ def check_data_fits_model(datamodule: Any, model: Any) -> None:
                           f"num_classes={model_classes}; set model.params.num_classes={data_classes} "
                           "(or leave it unset to read it from the data)")
     spec = getattr(datamodule, "code_spec", None)
+    if isinstance(spec, dict) and spec.get("levels") and getattr(model, "level", None) in spec["levels"]:
+        spec = spec["levels"][model.level]  # hierarchical codes (VQ-VAE-2): the level this prior models
     data_size = spec.get("codebook_size") if isinstance(spec, dict) else None
     model_size = getattr(model, "codebook_size", None)
     if isinstance(data_size, int) and isinstance(model_size, int) and data_size > model_size:
