@@ -60,3 +60,18 @@ def tokenizer_and_codes(tmp_path_factory):
     codes = root / "codes"
     tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
     return ckpt, codes
+
+
+@pytest.fixture(scope="session")
+def vqvae2_and_codes(tmp_path_factory):
+    """A tiny two-level VQ-VAE-2 (4x4 top over 8x8 bottom) trained on fashion_mnist at 16 px, and its
+    hierarchical code folder (train 256 / val 64 items, labelled)."""
+    from helpers import CONFIGS, train
+    from tokenforge.tokenize import main as tokenize
+
+    root = tmp_path_factory.mktemp("vqvae2")
+    train(CONFIGS / "smoke" / "vqvae2.yaml", root / "runs", ["trainer.max_steps=12"], name="tok")
+    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
+    codes = root / "codes"
+    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
+    return ckpt, codes

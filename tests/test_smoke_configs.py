@@ -22,7 +22,10 @@ def _needed_overrides(name: str, request) -> list[str]:
     params = raw.data.get("params", {})
     overrides = []
     if "codes" in params.keys() and OmegaConf.is_missing(params, "codes"):
-        _, codes = request.getfixturevalue("tokenizer_and_codes")
+        fixture = "tokenizer_and_codes"
+        if raw.model.get("params", {}).get("level"):  # a prior of one level of hierarchical (VQ-VAE-2) codes
+            fixture = "vqvae2_and_codes"
+        _, codes = request.getfixturevalue(fixture)
         overrides.append(f"data.params.codes={codes}")
     if "root" in params.keys() and OmegaConf.is_missing(params, "root"):
         overrides.append(f"data.params.root={request.getfixturevalue('shapes_folder')}")
