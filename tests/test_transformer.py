@@ -104,9 +104,10 @@ class SequenceMixingFFN(AuxFFN):
 
 @pytest.fixture()
 def ffn_targets(monkeypatch):
-    # `instantiate` only builds allow-listed targets; expose the test FFNs under layers.mlp.
-    monkeypatch.setattr(layers.mlp, "AuxFFN", AuxFFN, raising=False)
-    monkeypatch.setattr(layers.mlp, "SequenceMixingFFN", SequenceMixingFFN, raising=False)
+    # `instantiate` only builds classes defined in the allowed packages; place the test FFNs in layers.mlp.
+    for cls in (AuxFFN, SequenceMixingFFN):
+        monkeypatch.setattr(layers.mlp, cls.__name__, cls, raising=False)
+        monkeypatch.setattr(cls, "__module__", "layers.mlp")
 
 
 def test_ffn_slot_collects_aux_losses_and_stats(ffn_targets):
