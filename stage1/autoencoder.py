@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from layers.instantiate import instantiate
@@ -34,7 +35,15 @@ def _as_list(resolution: int | list[int], dims: int) -> list[int]:
 
 
 class QuantizedAutoencoder(Tokenizer):
-    """Encoder, 1x1 projections around a quantizer, decoder; subclasses add the training loss."""
+    """Encoder, 1x1 projections around a quantizer, decoder; subclasses add the training loss.
+
+    The reconstruction objective is ``rec_loss`` (L1/L2) plus ``perceptual_weight`` times the
+    modality's perceptual loss (LPIPS for images, none for plain sequences; ``perceptual`` holds its
+    options), so a new modality brings its own loss without touching a tokenizer.
+    """
+
+    # Recorded at fit time (whether the perceptual loss, e.g. LPIPS weights, was found); not a constructor input.
+    recorded_hparams = ("perceptual_active",)
 
     def __init__(
         self,
@@ -51,6 +60,8 @@ class QuantizedAutoencoder(Tokenizer):
         ema_decay: float | None = None,
         modality: str = "image",
         layout: dict[str, Any] | None = None,
+        perceptual_weight: float = 0.0,
+        perceptual: dict[str, Any] | None = None,
     ):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
@@ -95,6 +106,8 @@ class QuantizedAutoencoder(Tokenizer):
                        **(layout or {})}
         self.out_channels = int(dec_cfg.get("out_channels", self.layout["channels"]))
         self.val_recon = self.modality.validation_metrics()
+        self.perceptual_weight, self.perceptual_options = float(perceptual_weight), dict(perceptual or {})
+        self._perceptual: list[nn.Module] = []  # a list keeps the frozen loss network out of state_dict
 
     # ----------------------------------------------------------------------------------- contract
     @property
@@ -154,6 +167,31 @@ class QuantizedAutoencoder(Tokenizer):
 
     def reconstruction_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
         return F.l1_loss(xrec, x) if self.hparams.rec_loss == "l1" else F.mse_loss(xrec, x)
+
+    def setup(self, stage: str) -> None:
+        """Build the modality's perceptual loss for training (once; frozen; never in checkpoints)."""
+        if stage != "fit" or self.perceptual_weight <= 0 or self._perceptual:
+            self.hparams.perceptual_active = bool(self._perceptual)
+            return
+        loss, note = self.modality.perceptual_loss(self.perceptual_options)
+        if loss is None:
+            rank_zero_warn(note)
+        else:
+            self._perceptual.append(loss.requires_grad_(False).eval())
+        self.hparams.perceptual_active = loss is not None
+
+    def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
+        if not self._perceptual:
+            return x.new_zeros(())
+        loss = self._perceptual[0]
+        if next(loss.parameters(), x).device != x.device:
+            loss.to(x.device)
+        return loss(xrec, x)
+
+    def nll(self, x: Tensor, xrec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rec, perceptual, rec + perceptual_weight * perceptual)``: the reconstruction objective."""
+        rec, p_loss = self.reconstruction_loss(x, xrec), self.perceptual_loss(x, xrec)
+        return rec, p_loss, rec + self.perceptual_weight * p_loss
 
     def log_quantizer_stats(self, prefix: str, q: QuantizerOutput, aux: dict[str, Tensor]) -> None:
         on_step = prefix == "train"

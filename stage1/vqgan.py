@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from stage1.autoencoder import QuantizedAutoencoder, warmup_cosine
@@ -20,8 +19,6 @@ from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_w
 
 
 class VQGAN(QuantizedAutoencoder):
-    # Recorded at fit time (whether the perceptual loss, e.g. LPIPS weights, was found); not a constructor input.
-    recorded_hparams = ("perceptual_active",)
 
     def __init__(
         self,
@@ -51,34 +48,14 @@ class VQGAN(QuantizedAutoencoder):
     ):
         super().__init__(encoder=encoder, quantizer=quantizer, resolution=resolution, embed_dim=embed_dim,
                          decoder=decoder, rec_loss=rec_loss, lr=lr, betas=betas, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, ema_decay=ema_decay, modality=modality, layout=layout)
+                         warmup_steps=warmup_steps, ema_decay=ema_decay, modality=modality, layout=layout,
+                         perceptual_weight=perceptual_weight, perceptual=perceptual)
         if disc_loss not in D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.discriminator = PatchDiscriminator(int(self.decoder.conv_out.out_channels), disc_channels,
                                                 disc_layers, dims=self.dims)
-        self._perceptual: list[torch.nn.Module] = []  # a list keeps the frozen net out of state_dict
-
-    # ------------------------------------------------------------------------------- perceptual
-    def setup(self, stage: str) -> None:
-        if stage != "fit" or self.hparams.perceptual_weight <= 0 or self._perceptual:
-            self.hparams.perceptual_active = bool(self._perceptual)
-            return
-        loss, note = self.modality.perceptual_loss(dict(self.hparams.perceptual or {}))
-        if loss is None:
-            rank_zero_warn(note)
-        else:
-            self._perceptual.append(loss)
-        self.hparams.perceptual_active = loss is not None
-
-    def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
-        if not self._perceptual:
-            return x.new_zeros(())
-        loss = self._perceptual[0]
-        if next(loss.parameters(), x).device != x.device:
-            loss.to(x.device)
-        return loss(xrec, x)
 
     # --------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -90,9 +67,7 @@ class VQGAN(QuantizedAutoencoder):
         # Autoencoder (generator) update.
         self.toggle_optimizer(opt_ae)
         xrec, q, aux = self(x)
-        rec = self.reconstruction_loss(x, xrec)
-        p_loss = self.perceptual_loss(x, xrec)
-        nll = rec + self.hparams.perceptual_weight * p_loss
+        rec, p_loss, nll = self.nll(x, xrec)
         loss = nll + q.loss + aux.get("aux_loss", 0.0)
         g_loss = torch.zeros((), device=x.device)
         d_weight = torch.zeros((), device=x.device)

@@ -124,3 +124,48 @@ def test_evaluate_a_sequence_tokenizer(sequence_tokenizer_and_codes, tmp_path):
         assert field in res, field
     assert res["num_examples"] == 64 and "psnr" not in res and "rfid" not in res
     assert (tmp_path / "ev" / "reconstructions.png").is_file()
+
+
+def test_a_new_modality_file_brings_its_own_tokenizer_loss(monkeypatch):
+    """A modality registered as one module supplies the tokenizer's extra reconstruction loss: here a
+    spectrum L1 (as an audio modality would add STFT losses), weighted by perceptual_weight."""
+    import sys
+    import types
+
+    from torch import nn
+
+    from modalities.base import Modality
+    from stage1.vqvae import VQVAE
+
+    def spectrum_l1(a, b):
+        return (torch.fft.rfft(a, dim=-1).abs() - torch.fft.rfft(b, dim=-1).abs()).abs().mean()
+
+    class SpectrumLoss(nn.Module):
+        def forward(self, reconstruction, target):
+            return spectrum_l1(reconstruction, target)
+
+    class Toy(Modality):
+        name = "toy"
+
+        def perceptual_loss(self, options):
+            return SpectrumLoss(), "spectrum L1"
+
+    module = types.ModuleType("modalities.toy")
+    module.MODALITY = Toy()
+    monkeypatch.setitem(sys.modules, "modalities.toy", module)
+    enc = {"dims": 1, "in_channels": 1, "z_channels": 8, "channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
+           "groups": 4, "mid_attn": False}
+    quantizer = {"target": "stage1.quantizers.vq.VectorQuantizer", "params": {"codebook_size": 16}}
+    model = VQVAE(encoder=enc, quantizer=quantizer, resolution=32, embed_dim=4, modality="toy", perceptual_weight=0.5)
+    model.setup("fit")
+    assert model.hparams.perceptual_active and model.code_spec["modality"] == "toy"
+    x = torch.from_numpy(sine_mixtures(4, 32, 2)[0])
+    xrec, _, _ = model(x)
+    rec, p_loss, nll = model.nll(x, xrec)
+    assert p_loss.item() == pytest.approx(spectrum_l1(xrec, x).item(), rel=1e-6)
+    assert nll.item() == pytest.approx(rec.item() + 0.5 * p_loss.item(), rel=1e-6)
+    (grad_nll,) = torch.autograd.grad(nll, xrec, retain_graph=True)
+    (grad_rec,) = torch.autograd.grad(rec, xrec, retain_graph=True)
+    (grad_p,) = torch.autograd.grad(p_loss, xrec)
+    torch.testing.assert_close(grad_nll, grad_rec + 0.5 * grad_p)
+    assert grad_p.abs().sum() > 0
