@@ -76,8 +76,9 @@ class AudioCodec(QuantizedAutoencoder):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.hop = int(self.encoder.downsample_factor)
-        self.stft_loss = multi_resolution_stft_loss(stft_fft_sizes)
-        self.mel_loss = MultiScaleMelLoss(sample_rate, mel_scales)
+        # A list keeps the fixed loss transforms (windows, mel filterbanks) out of the state_dict, so
+        # checkpoints do not depend on how a loss is parameterised.
+        self._spectral = [multi_resolution_stft_loss(stft_fft_sizes), MultiScaleMelLoss(sample_rate, mel_scales)]
         self.discriminator = MultiScaleSTFTDiscriminator(disc_n_ffts, self.out_channels, disc_filters)
         self.weights = {"l1": l1_weight, "stft": stft_weight, "mel": mel_weight, "adv": adv_weight,
                         "feat": feat_weight}
@@ -119,8 +120,11 @@ class AudioCodec(QuantizedAutoencoder):
         return sum(self.weights[k] * v for k, v in losses.items())
 
     def generator_losses(self, x: Tensor, xrec: Tensor, adversarial: bool) -> dict[str, Tensor]:
-        losses = {"l1": F.l1_loss(xrec, x), "stft": self.stft_loss(xrec.float(), x.float()),
-                  "mel": self.mel_loss(xrec, x)}
+        stft_loss, mel_loss = self._spectral
+        if next(mel_loss.buffers()).device != x.device:
+            for loss in self._spectral:
+                loss.to(x.device)
+        losses = {"l1": F.l1_loss(xrec, x), "stft": stft_loss(xrec.float(), x.float()), "mel": mel_loss(xrec, x)}
         if adversarial:
             logits_fake, feats_fake = self.discriminator(xrec)
             _, feats_real = self.discriminator(x)
