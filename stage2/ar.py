@@ -15,63 +15,37 @@ batched forward; ``scale = 0`` skips the unconditional branch and is plain condi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.transformer import Transformer
 from stage2.context import ContextGrid, context_inputs
 from stage2.options import TOKEN_SAMPLING, SamplingOption
-from stage2.prior import Prior, PriorLoss
+from stage2.prior import PriorLoss
 from stage2.sampling import cfg_logits, sample_from_logits
+from stage2.transformer_prior import TransformerPrior, init_gpt_weights  # noqa: F401 - re-exported
 
 
-def init_gpt_weights(module: nn.Module) -> None:
-    """GPT-2 initialisation: N(0, 0.02) for linear and embedding weights, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-
-
-class ARPrior(Prior):
+class ARPrior(TransformerPrior):
     """Class-conditional (or unconditional) autoregressive transformer prior.
 
     Args:
-        dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the
-            :class:`layers.transformer.Transformer` (always causal); ``positions`` defaults to rope1d.
-        **prior: the base arguments of :class:`stage2.prior.Prior` (codes, code_spec, num_classes,
-            tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
+        **prior: the transformer's arguments (:class:`stage2.transformer_prior.TransformerPrior`: dim,
+            depth, heads, ..., always causal, ``positions`` default rope1d) and the base arguments of
+            :class:`stage2.prior.Prior` (codes, code_spec, num_classes, tokenizer, cond_drop_prob, lr, ...).
     """
 
     accepts_context = True  # context_level: a conditioning code grid added per cell (stage2.context)
     sampling_options = (*TOKEN_SAMPLING, SamplingOption(
         "use_cache", bool, True, "KV-cached decoding (off: recompute the prefix each step, the reference)"))
 
-    def __init__(
-        self,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        norm: str = "rmsnorm",
-        mlp: str = "swiglu",
-        positions: str = "rope1d",
-        dropout: float = 0.0,
-        ffn: Mapping[str, Any] | None = None,
-        ffn_every: int = 1,
-        **prior: Any,
-    ):
+    def __init__(self, **prior: Any):
         super().__init__(**prior)
-        grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
-        self.transformer = Transformer(
-            dim, depth, heads, causal=True, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, positions=positions,
-            max_len=self.seq_len, grid=grid if positions == "rope2d" else None, dropout=dropout,
-            ffn=self.hparams["ffn"], ffn_every=ffn_every,
-        )
+        dim = self.dim
+        self.transformer = self.build_transformer(causal=True)  # position 0 (the start token) is cell 0
         self.embed = self.code_embedding(dim)
         self.classes = self.class_embedding(dim)  # the start token; the null row for unconditional
         self.head = nn.Linear(dim, self.codebook_size, bias=False)

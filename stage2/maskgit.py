@@ -19,20 +19,19 @@ grid coordinates (and depth level, for residual codes).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.transformer import Transformer
-from stage2.ar import init_gpt_weights
 from stage2.context import ContextGrid, context_inputs
 from stage2.options import TOKEN_SAMPLING, SamplingOption, non_negative_float, positive_int
-from stage2.prior import Prior, PriorLoss
+from stage2.prior import PriorLoss
 from stage2.sampling import cfg_logits, filter_logits
 from stage2.schedules import get_schedule, mask_ratio
+from stage2.transformer_prior import TransformerPrior, init_gpt_weights
 
 # logits_fn(tokens (B, N) with mask ids, step t) -> logits (B, N, V) over the V real codes.
 LogitsFn = Callable[[Tensor, int], Tensor]
@@ -155,21 +154,19 @@ def maskgit_decode(
     return tokens
 
 
-class MaskGITPrior(Prior):
+class MaskGITPrior(TransformerPrior):
     """Class-conditional (or unconditional) masked-token prior with MaskGIT's parallel decoding.
 
     Args:
-        dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the
-            :class:`layers.transformer.Transformer` (always bidirectional). ``positions`` defaults to
-            learned absolute embeddings, as in MaskGIT: at the first decoding step every input is the
-            mask token, and only absolute positions tell the cells apart (with rotary positions the
-            model must infer them from grid-border effects, and learns far more slowly). ``rope2d``
-            and ``rope1d`` work too.
+        positions: of the transformer (always bidirectional); defaults to learned absolute embeddings,
+            as in MaskGIT: at the first decoding step every input is the mask token, and only absolute
+            positions tell the cells apart (with rotary positions the model must infer them from
+            grid-border effects, and learns far more slowly). ``rope2d`` and ``rope1d`` work too.
         mask_schedule: gamma of :mod:`stage2.schedules` used to draw training masks and, unless
             ``sample(schedule=...)`` says otherwise, to decode.
         label_smoothing: cross-entropy label smoothing on the masked positions (MaskGIT uses 0.1).
-        **prior: the base arguments of :class:`stage2.prior.Prior` (codes, code_spec, num_classes,
-            tokenizer, cond_drop_prob, lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio).
+        **prior: the other transformer arguments (:class:`stage2.transformer_prior.TransformerPrior`)
+            and the base arguments of :class:`stage2.prior.Prior` (codes, code_spec, num_classes, ...).
     """
 
     accepts_context = True  # context_level: a conditioning code grid added per cell (stage2.context)
@@ -181,36 +178,17 @@ class MaskGITPrior(Prior):
         SamplingOption("schedule", str, None, "mask schedule for decoding (default: the training one)"),
     )
 
-    def __init__(
-        self,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        norm: str = "rmsnorm",
-        mlp: str = "swiglu",
-        positions: str = "learned",
-        dropout: float = 0.0,
-        ffn: Mapping[str, Any] | None = None,
-        ffn_every: int = 1,
-        mask_schedule: str = "cosine",
-        label_smoothing: float = 0.1,
-        **prior: Any,
-    ):
-        super().__init__(**prior)
+    def __init__(self, positions: str = "learned", mask_schedule: str = "cosine", label_smoothing: float = 0.1,
+                 **prior: Any):
+        super().__init__(positions=positions, **prior)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         get_schedule(mask_schedule)  # fail at construction, not at the first training step
         self.mask_schedule = mask_schedule
         self.label_smoothing = label_smoothing
         self.mask_id = self.codebook_size
-        grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
-        rope2d = positions == "rope2d"
-        self.transformer = Transformer(
-            dim, depth, heads, causal=False, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, positions=positions,
-            max_len=None if rope2d else self.seq_len + 1, grid=grid if rope2d else None, num_prefix=1,
-            dropout=dropout, ffn=self.hparams["ffn"], ffn_every=ffn_every,
-        )
+        dim = self.dim
+        self.transformer = self.build_transformer(causal=False, num_prefix=1)  # the class token is the prefix
         self.embed = self.code_embedding(dim, extra_tokens=1)  # last row = the mask token
         self.classes = self.class_embedding(dim)
         self.head = nn.Linear(dim, self.codebook_size)  # the mask is never a prediction

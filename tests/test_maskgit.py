@@ -163,7 +163,7 @@ def test_prior_forward_calls_and_mask_token_layout() -> None:
     assert model.classes.table.num_embeddings == 4 and model.null_class == 3
     calls = []
     original = model.forward
-    model.forward = lambda tokens, labels=None: calls.append(tokens.clone()) or original(tokens, labels)
+    model.forward = lambda tokens, *rest: calls.append(tokens.clone()) or original(tokens, *rest)
     codes = _sample(model, steps=5)
     assert codes.shape == (5, 3, 3) and codes.min() >= 0 and codes.max() < 12
     assert len(calls) == 5 and (calls[0] == 12).all()  # one forward per step, starting all-masked
@@ -174,9 +174,9 @@ def test_training_loss_is_cross_entropy_on_exactly_the_masked_positions() -> Non
     seen = {}
     original = model.forward
 
-    def spy(tokens, labels=None):
+    def spy(tokens, labels=None, *rest):
         seen["tokens"], seen["labels"] = tokens.clone(), labels
-        seen["logits"], aux = original(tokens, labels)
+        seen["logits"], aux = original(tokens, labels, *rest)
         return seen["logits"], aux
 
     model.forward = spy
