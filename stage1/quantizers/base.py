@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from metrics.codebook import histogram_stats
+
 
 @dataclass
 class QuantizerOutput:
@@ -59,8 +61,7 @@ def from_rows(rows: Tensor, grid: tuple[int, ...]) -> Tensor:
 
 
 def usage_stats(codes: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Per-batch usage fraction and perplexity of the code histogram (no N x K one-hot)."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).float()
-    probs = counts / counts.sum().clamp_min(1.0)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-    return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
+    """Per-batch usage fraction and perplexity of the code histogram (no N x K one-hot), computed by
+    :func:`metrics.codebook.histogram_stats` like every other usage figure in the project."""
+    stats = histogram_stats(torch.bincount(codes.reshape(-1).long(), minlength=codebook_size))
+    return {"perplexity": stats["perplexity"], "usage": stats["usage"]}

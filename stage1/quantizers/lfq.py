@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metrics.codebook import histogram_stats
 from stage1.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 from stage1.quantizers.fsq import flat_channels, pointwise
 
@@ -158,9 +159,8 @@ class LFQ(Quantizer):
             return usage_stats(codes, self.codebook_size)
         # A dense histogram of 2^bits bins would dwarf the batch: count only the codes that occur.
         _, counts = torch.unique(codes.reshape(-1), return_counts=True)
-        probs = counts.float() / counts.sum()
-        entropy = -(probs * probs.log()).sum()
-        return {"perplexity": entropy.exp(), "usage": torch.tensor(counts.numel() / self.codebook_size)}
+        stats = histogram_stats(counts, self.codebook_size)
+        return {"perplexity": stats["perplexity"], "usage": stats["usage"]}
 
     # -- contract ---------------------------------------------------------------------------
     # Latents stay channel-first, flattened to (B, C, L) (a view): projections are 1x1 convs, so no
