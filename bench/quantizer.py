@@ -139,7 +139,7 @@ CASES = [
     Case(
         # Ours: factorised per-bit entropy, O(N bits); the peer builds the N x 2^bits soft assignment.
         "lfq",
-        lambda d, k: LFQ(int(math.log2(k)), dim=d, commitment_weight=BETA),
+        lambda d, k: LFQ(int(math.log2(k)), dim=d, beta=BETA),
         lambda d, k: peer.LFQ(dim=d, codebook_size=k, commitment_loss_weight=BETA),
         target=1.5,  # the target; measured 55x / 200x on a quiet machine (session 1)
     ),

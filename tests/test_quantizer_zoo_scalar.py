@@ -279,7 +279,7 @@ def test_lfq_default_batch_entropy_is_the_code_distributions_entropy() -> None:
     torch.testing.assert_close(batch, brute_force_batch_entropy(rows, 1.0, q.temperature), rtol=1e-5, atol=1e-5)
     assert 2.8 * math.log(2) < batch < 3.05 * math.log(2)  # 3 independent bits, nearly uniform
     out = q(rows.T.unsqueeze(0))
-    torch.testing.assert_close(out.stats["batch_entropy"], batch)
+    torch.testing.assert_close(out.stats["entropy_batch"], batch)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +336,7 @@ def test_lfq_18_bits_on_16k_vectors() -> None:
 def test_lfq_entropy_loss_spreads_codes() -> None:
     """With the diversity term, a collapsed projection learns to use many codes."""
     torch.manual_seed(0)
-    q = LFQ(4, dim=8, commitment_weight=0.0, entropy_weight=1.0, temperature=1.0)
+    q = LFQ(4, dim=8, beta=0.0, entropy_weight=1.0, temperature=1.0)
     with torch.no_grad():
         q.project_in.bias.fill_(0.5)  # every bit starts positive: one code in use
     z = toy_batch(256).mul(0.1)
@@ -403,7 +403,7 @@ def test_residual_shared_vs_separate_and_stats() -> None:
     assert shared.depth == 3 and shared.codebook_size == 16 and shared.quantizers[0].dim == 8
     out = separate(torch.randn(2, 8, 6))
     for i in range(3):
-        assert {f"usage_level{i}", f"perplexity_level{i}", f"sample_entropy_level{i}"} <= set(out.stats)
+        assert {f"usage_level{i}", f"perplexity_level{i}", f"entropy_per_sample_level{i}"} <= set(out.stats)
     mean_usage = sum(float(out.stats[f"usage_level{i}"]) for i in range(3)) / 3
     assert float(out.stats["usage"]) == pytest.approx(mean_usage)
     # The loss is the sum of the levels' losses (LFQ's includes its entropy term in training).

@@ -2,7 +2,7 @@
 
 Each of ``bits`` channels is quantized independently to ``±codebook_scale`` by its sign; the code
 is the integer whose bit ``i`` is 1 where channel ``i`` is positive, so the implicit codebook
-has ``2**bits`` entries and no parameters. Training adds a commitment loss and MAGVIT-v2's
+has ``2**bits`` entries and no parameters. Training adds a commitment loss ``beta * ||h - sg(q)||^2`` and MAGVIT-v2's
 entropy loss ``E_n[H(p_n)] - diversity_weight * H(E_n[p_n])`` where ``p_n`` is the soft
 assignment ``softmax_c(-||z_n - c||^2 / temperature)`` over the codes.
 
@@ -60,7 +60,7 @@ class LFQ(Quantizer):
         bits: int,
         dim: int | None = None,
         codebook_scale: float = 1.0,
-        commitment_weight: float = 0.25,
+        beta: float = 0.25,
         entropy_weight: float = 0.1,
         diversity_weight: float = 1.0,
         temperature: float = 0.01,
@@ -82,7 +82,7 @@ class LFQ(Quantizer):
         self.dim = int(dim) if dim is not None else self.bits
         self.codebook_size = 2**self.bits
         self.codebook_scale = float(codebook_scale)
-        self.commitment_weight = float(commitment_weight)
+        self.beta = float(beta)  # the commitment weight, named as in every other quantizer
         self.entropy_weight = float(entropy_weight)
         self.diversity_weight = float(diversity_weight)
         self.temperature = float(temperature)
@@ -180,7 +180,7 @@ class LFQ(Quantizer):
             positive = h > 0
             q = torch.where(positive, self.codebook_scale, -self.codebook_scale)
             q_st = h + (q - h).detach()
-            loss = self.commitment_weight * F.mse_loss(h, q)
+            loss = self.beta * F.mse_loss(h, q)
             if self.exact_entropy:
                 per_sample, batch = self.exact_entropies(h.movedim(1, -1).reshape(-1, self.bits))
             else:
@@ -191,9 +191,9 @@ class LFQ(Quantizer):
         z_q = pointwise(self.project_out, q_st) if self.dim != self.bits else q_st.to(z.dtype)
         stats = self._usage(codes)
         stats.update(
-            sample_entropy=per_sample.detach(),
-            batch_entropy=batch.detach(),
-            commitment=F.mse_loss(h.detach(), q),
+            entropy_per_sample=per_sample.detach(),
+            entropy_batch=batch.detach(),
+            commit_loss=F.mse_loss(h.detach(), q),
         )
         return QuantizerOutput(z_q=z_q.reshape(z.shape), codes=codes, loss=loss, stats=stats)
 
