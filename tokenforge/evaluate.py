@@ -86,21 +86,26 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
     """The modality's reconstruction metrics and codebook usage over a split; returns (results, code
     counts, the first inputs and their reconstructions)."""
     spec = model.code_spec
-    usage = CodebookUsage(spec["codebook_size"], depth=spec.get("depth")).to(device)
+    levels = spec.get("levels") or {None: spec}  # hierarchical codes (VQ-VAE-2): usage per level, "<level>/<stat>"
+    usages = {name: CodebookUsage(lv["codebook_size"], depth=lv.get("depth")).to(device) for name, lv in levels.items()}
     seen, first = 0, None
     for x, labels in _limited(loader, limit):
         x = x.to(device)
         codes = model.encode(x)
         xrec = model.decode(codes).clamp(-1, 1)
-        usage.update(codes)
+        for name, usage in usages.items():
+            usage.update(codes if name is None else codes[name])
         evaluator.update(real=x, fake=xrec, labels=labels)
         if first is None:
             first = (x[:8].cpu(), xrec[:8].cpu())
         seen += len(x)
-    results = evaluator.compute() | {k: _num(v) for k, v in usage.compute().items()}
+    results = evaluator.compute()
+    for name, usage in usages.items():
+        results |= {k if name is None else f"{name}/{k}": _num(v) for k, v in usage.compute().items()}
     results["codebook_size"] = spec["codebook_size"]
     results["num_examples"] = seen
-    return results, usage.counts().cpu(), first
+    counts = [u.counts().cpu() for u in usages.values()]
+    return results, counts[0] if len(counts) == 1 else torch.cat([c.reshape(-1) for c in counts]), first
 
 
 @torch.no_grad()
