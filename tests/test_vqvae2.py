@@ -183,3 +183,12 @@ def test_vqvae2_to_codes_to_top_and_bottom_priors_to_samples(vqvae2_and_codes, r
     assert (out / "grid.png").is_file()
     with pytest.raises(ValueError, match="context"):  # the bottom prior alone has no top codes to read
         sample([bottom, "-n", "1", "--out", str(run_root / "s2")])
+
+
+def test_evaluate_reports_each_levels_codebook_usage(vqvae2_and_codes, tmp_path):
+    from tokenforge.evaluate import main as evaluate
+
+    tok_ckpt, _ = vqvae2_and_codes
+    results = evaluate([str(tok_ckpt), "--limit", "32", "--fid", "none", "--lpips", "none",
+                        "--out", str(tmp_path / "ev")])
+    assert "psnr" in results and 0 < results["top/usage"] <= 1 and 0 < results["bottom/usage"] <= 1
