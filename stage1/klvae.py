@@ -47,6 +47,7 @@ class KLVAE(Tokenizer):
         disc_start: step at which the PatchGAN starts (``None``: no discriminator at all).
         disc_weight, disc_loss, disc_channels, disc_layers, disc_lr, adaptive_disc_weight: as VQGAN.
         lr, betas, weight_decay, warmup_steps, grad_clip: Adam with warm-up then cosine decay.
+        modality: the kind of data, recorded in the code spec (writers and metrics of the commands).
     """
 
     recorded_hparams = ("perceptual_active",)
@@ -73,6 +74,7 @@ class KLVAE(Tokenizer):
         disc_lr: float | None = None,
         adaptive_disc_weight: bool = True,
         grad_clip: float | None = None,
+        modality: str = "image",
     ):
         super().__init__()
         if latent_dim not in LATENT_DIMS:
@@ -112,8 +114,14 @@ class KLVAE(Tokenizer):
     # ----------------------------------------------------------------------------------- contract
     @property
     def code_spec(self) -> dict[str, Any]:
-        return {"grid": list(self.grid), "depth": None, "codebook_size": None,
-                "continuous": {"dim": self.latent_dim}, "continuous_dim": self.latent_dim}
+        """Continuous codes: ``continuous.dim`` channels per grid cell (``continuous_dim`` repeats it for
+        readers of the older key), no codebook; the data layout and what the decoder outputs."""
+        channels = int(self.hparams.encoder.get("in_channels", 3))
+        return {"modality": self.hparams.modality, "layout": {"channels": channels, "shape": list(self.resolution)},
+                "grid": list(self.grid), "depth": None, "codebook_size": None,
+                "continuous": {"dim": self.latent_dim}, "continuous_dim": self.latent_dim,
+                "decoder_output": {"channels": int(self.decoder.conv_out.out_channels),
+                                   "shape": list(self.resolution), "range": [-1.0, 1.0]}}
 
     def posterior(self, x: Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
