@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -44,6 +45,53 @@ class Evaluator:
 
     def compute(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+class FeatureSamples(Evaluator):
+    """Samples scored on a feature module ``f(x) -> (B, F)`` (with ``num_features``), for modalities
+    without a trained feature network: the Fréchet distance of real and generated features
+    (torchmetrics' implementation) as ``{prefix}_fd``, and the accuracy of class-conditional samples
+    under a nearest-class-mean classifier fit on the real split's features as ``{accuracy_key}``
+    (a template classifier, not a trained one: the note says so)."""
+
+    def __init__(self, features: nn.Module, prefix: str, accuracy_key: str, note: str,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.features = features.to(device)
+        self.fd = FrechetInceptionDistance(feature=self.features, normalize=True).to(device)
+        self.prefix, self.accuracy_key = prefix, accuracy_key
+        self.class_sums: dict[int, Tensor] = {}
+        self.class_counts: dict[int, int] = {}
+        self.fakes: list[tuple[Tensor, Tensor]] = []
+        self.notes = [note]
+
+    def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
+        if real is not None:
+            self.fd.update(real.float(), real=True)
+            if labels is not None:
+                feats = self.features(real.float()).float()
+                for c in labels.unique().tolist():
+                    rows = feats[labels == c]
+                    self.class_sums[c] = self.class_sums.get(c, 0) + rows.sum(0)
+                    self.class_counts[c] = self.class_counts.get(c, 0) + len(rows)
+        if fake is not None:
+            self.fd.update(fake.float(), real=False)
+            if labels is not None:
+                self.fakes.append((self.features(fake.float()).float(), labels))
+
+    def compute(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        if int(self.fd.fake_features_num_samples) > 1 and int(self.fd.real_features_num_samples) > 1:
+            results[f"{self.prefix}_fd"] = max(float(self.fd.compute()), 0.0)
+        if self.fakes and self.class_sums:
+            classes = sorted(self.class_sums)
+            means = torch.stack([self.class_sums[c] / self.class_counts[c] for c in classes])
+            feats, labels = (torch.cat(t) for t in zip(*self.fakes))
+            predicted = torch.tensor(classes, device=labels.device)[torch.cdist(feats, means).argmin(1)]
+            results[self.accuracy_key] = float((predicted == labels).float().mean())
+        return results
 
 
 class Modality:

@@ -14,8 +14,8 @@ from data.atomic import atomic_write
 from metrics.lpips_offline import load_lpips, prepare_lpips_inputs
 from metrics.precision_recall import PrecisionRecall
 from metrics.reconstruction import ReconstructionMetrics
+from modalities._image_features import choose_features, choose_lpips
 from modalities.base import Evaluator, Modality
-from modalities.image_features import choose_features, choose_lpips
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:

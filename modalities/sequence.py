@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from data.atomic import atomic_write
-from modalities.base import Evaluator, Modality
+from modalities.base import Evaluator, FeatureSamples, Modality
 
 MAX_PLOTTED = 16
 
@@ -31,7 +30,7 @@ def log_spectrum(x: Tensor) -> Tensor:
 
 
 class SpectrumFeatures(nn.Module):
-    """Log-magnitude spectra as a feature extractor for torchmetrics' Fréchet distance."""
+    """Log-magnitude spectra of ``(B, channels, length)`` signals as a feature extractor."""
 
     def __init__(self, channels: int, length: int) -> None:
         super().__init__()
@@ -92,56 +91,18 @@ class SequenceReconstruction(Evaluator):
         return {k: float(v) for k, v in self.metrics.compute().items()}
 
 
-class SequenceSamples(Evaluator):
-    """Fréchet distance between real and generated log-magnitude spectra, and class accuracy of
-    class-conditional samples under a nearest-class-mean-spectrum classifier fit on the real split."""
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.device = options.get("device", "cpu")
-        self.fd: FrechetInceptionDistance | None = None
-        self.class_sums: dict[int, Tensor] = {}
-        self.class_counts: dict[int, int] = {}
-        self.fakes: list[tuple[Tensor, Tensor]] = []
-        self.notes = ["spectral_fd: Fréchet distance of log-magnitude spectra (torchmetrics); class_accuracy: "
-                      "nearest class-mean spectrum of the real split (a template classifier, not a trained one)"]
-
-    def _fd(self, x: Tensor) -> FrechetInceptionDistance:
-        if self.fd is None:
-            features = SpectrumFeatures(x.shape[1], x.shape[-1])
-            self.fd = FrechetInceptionDistance(feature=features, normalize=True).to(self.device)
-        return self.fd
-
-    def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
-        if real is not None:
-            self._fd(real).update(real.float(), real=True)
-            if labels is not None:
-                spectra = log_spectrum(real)
-                for c in labels.unique().tolist():
-                    rows = spectra[labels == c]
-                    self.class_sums[c] = self.class_sums.get(c, 0) + rows.sum(0)
-                    self.class_counts[c] = self.class_counts.get(c, 0) + len(rows)
-        if fake is not None:
-            self._fd(fake).update(fake.float(), real=False)
-            if labels is not None:
-                self.fakes.append((log_spectrum(fake), labels))
-
-    def compute(self) -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        if self.fd is not None and int(self.fd.fake_features_num_samples) > 1:
-            results["spectral_fd"] = max(float(self.fd.compute()), 0.0)
-        if self.fakes and self.class_sums:
-            classes = sorted(self.class_sums)
-            means = torch.stack([self.class_sums[c] / self.class_counts[c] for c in classes])
-            spectra, labels = (torch.cat(t) for t in zip(*self.fakes))
-            predicted = torch.tensor(classes, device=labels.device)[torch.cdist(spectra, means).argmin(1)]
-            results["class_accuracy"] = float((predicted == labels).float().mean())
-        return results
-
-
 class SequenceModality(Modality):
     name = "sequence"
     datamodule = "data.sequence.SequenceDataModule"
+
+    def __init__(self, channels: int = 1, length: int = 128) -> None:
+        self.channels, self.length = channels, length
+
+    def for_spec(self, code_spec: Mapping[str, Any]) -> SequenceModality:
+        """This modality sized by the layout a code spec records (channels, length)."""
+        layout = code_spec.get("layout") or {}
+        shape = layout.get("shape") or [self.length]
+        return SequenceModality(int(layout.get("channels", self.channels)), int(shape[-1]))
 
     def save_reconstructions(self, x: Tensor, xrec: Tensor, path: str | Path) -> Path:
         """Each input (grey) with its reconstruction (blue) overlaid."""
@@ -162,8 +123,12 @@ class SequenceModality(Modality):
     def reconstruction_evaluator(self, options: Mapping[str, Any]) -> SequenceReconstruction:
         return SequenceReconstruction(options)
 
-    def sample_evaluator(self, options: Mapping[str, Any]) -> SequenceSamples:
-        return SequenceSamples(options)
+    def sample_evaluator(self, options: Mapping[str, Any]) -> FeatureSamples:
+        """Spectral Fréchet distance and template class accuracy (features sized by the code spec's layout)."""
+        note = ("spectral_fd: Fréchet distance of log-magnitude spectra (torchmetrics); class_accuracy: nearest "
+                "class-mean spectrum of the real split (a template classifier, not a trained one)")
+        return FeatureSamples(SpectrumFeatures(self.channels, self.length), "spectral", "class_accuracy", note,
+                              device=options.get("device", "cpu"))
 
 
 MODALITY = SequenceModality()

@@ -45,7 +45,7 @@ def test_sequence_datamodule_batches_and_an_npz_of_ones_own(tmp_path):
 
 
 def test_the_registry_finds_each_modality_file_and_names_what_is_missing():
-    assert {"image", "sequence"} <= set(available())
+    assert {"image", "sequence"} <= set(available()) and not any(n.startswith("_") for n in available())
     assert get_modality("sequence").datamodule == "data.sequence.SequenceDataModule"
     assert get_modality(None).name == "image"  # a code spec from before modalities
     from modalities.base import PLANNED
@@ -169,3 +169,17 @@ def test_a_new_modality_file_brings_its_own_tokenizer_loss(monkeypatch):
     (grad_p,) = torch.autograd.grad(p_loss, xrec)
     torch.testing.assert_close(grad_nll, grad_rec + 0.5 * grad_p)
     assert grad_p.abs().sum() > 0
+
+
+def test_sample_metrics_score_the_real_data_as_a_perfect_generator():
+    x, labels = (torch.from_numpy(a) for a in sine_mixtures(200, 64, num_classes=4, seed=1))
+    modality = get_modality("sequence").for_spec({"layout": {"channels": 1, "shape": [64]}})
+    ev = modality.sample_evaluator({})
+    ev.update(real=x, labels=labels)
+    ev.update(fake=x, labels=labels)
+    out = ev.compute()
+    assert out["spectral_fd"] < 1e-3 and out["class_accuracy"] >= 0.95
+    wrong = modality.sample_evaluator({})
+    wrong.update(real=x, labels=labels)
+    wrong.update(fake=x, labels=(labels + 1) % 4)  # every sample of the wrong class
+    assert wrong.compute()["class_accuracy"] <= 0.05
