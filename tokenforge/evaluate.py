@@ -25,6 +25,7 @@ import torch
 from data.atomic import atomic_write_text
 from metrics.codebook import CodebookUsage
 from modalities import Evaluator, modality_of
+from stage1.depth_eval import DepthReconstruction, residual_depth
 from tokenforge.cli import positive_int
 from tokenforge.report import write_report
 from tokenforge.runs import open_run
@@ -88,6 +89,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
     spec = model.code_spec
     levels = spec.get("levels") or {None: spec}  # hierarchical codes (VQ-VAE-2): usage per level, "<level>/<stat>"
     usages = {name: CodebookUsage(lv["codebook_size"], depth=lv.get("depth")).to(device) for name, lv in levels.items()}
+    depth = residual_depth(model)  # residual codes: also decode with the first d levels, d = 1..D
+    per_depth = DepthReconstruction(depth) if depth else None
     seen, first = 0, None
     for x, labels in _limited(loader, limit):
         x = x.to(device)
@@ -95,6 +98,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
         xrec = model.decode(codes).clamp(-1, 1)
         for name, usage in usages.items():
             usage.update(codes if name is None else codes[name])
+        if per_depth is not None:
+            per_depth.update(model, x, codes)
         evaluator.update(real=x, fake=xrec, labels=labels)
         if first is None:
             first = (x[:8].cpu(), xrec[:8].cpu())
@@ -102,6 +107,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
     results = evaluator.compute()
     for name, usage in usages.items():
         results |= {k if name is None else f"{name}/{k}": _num(v) for k, v in usage.compute().items()}
+    if per_depth is not None:
+        results |= per_depth.compute()
     results["codebook_size"] = spec["codebook_size"]
     results["num_examples"] = seen
     counts = [u.counts().cpu() for u in usages.values()]

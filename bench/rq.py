@@ -1,0 +1,249 @@
+"""RQ-VAE / RQ-Transformer measurements (issue 13), everything in one process.
+
+    python bench/rq.py speed  [--out /tmp/rq_bench] [--tok-steps 400] [--prior-steps 600]
+    python bench/rq.py depth  [--out /tmp/rq_bench] [--tok-steps 400]
+
+``speed``: an RQ-VAE (configs/rqvae.yaml: emoji 32 px -> 8x8 positions x 4 levels, one shared
+codebook) is trained for ``--tok-steps`` and tokenizes emoji; on those codes an RQ-Transformer
+(spatial + depth transformers) and the flat AR prior (configs/ar.yaml) over the same codes flattened
+to T*D = 256 tokens are trained with the same width, the same number of blocks (so the same
+parameter count to within the depth transformer's level-position table), batch, learning rate and
+``--prior-steps``. Reported: validation NLL per code of both, and the sampling time of both with KV
+caches for one batch, with the number of transformer steps of each and their measured per-step cost.
+
+``depth``: the depth trade-off. RQ-VAEs with the same 8x8 grid and codebook at D = 1, 2, 4, 8 and
+equal training steps: PSNR/SSIM/MSE of the validation split (rFID needs a feature extractor; see the
+results file), and RQ-VAE 4x4x4 (f8) against a VQ autoencoder 8x8 (f4) with the same encoder family
+and the same 64 codes per image.
+
+Budgets are small (shared 2-core CPU, 1 thread): the GAN and LPIPS terms are off (``disc_start`` past
+the end, ``perceptual_weight=0``) so that every step is an autoencoder step; this changes the absolute
+numbers, not the comparisons, which all use the same recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared machine: see bench/sampling.py
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the working tree's packages, whatever the installed copy holds
+
+import torch  # noqa: E402
+
+CONFIGS = REPO / "configs"
+FAST_TOKENIZER = ["model.params.disc_start=1000000000", "model.params.perceptual_weight=0.0",
+                  "checkpoint_every_n_steps=100000"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(config: Path, runs: Path, name: str, overrides: list[str]) -> Path:
+    """Train through the project's train command; returns the last checkpoint."""
+    from tokenforge.train import main
+
+    ckpt = runs / name / "checkpoints" / "last.ckpt"
+    steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("trainer.max_steps="))
+    fresh = []
+    if ckpt.is_file():
+        done = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step")
+        if done == steps:  # a finished run of this budget (an interrupted one is trained again)
+            log(f"reusing {ckpt}")
+            return ckpt
+        fresh = ["--fresh"]
+    start = time.perf_counter()
+    main([str(config), "--runs", str(runs), "--name", name, *fresh, "trainer.enable_progress_bar=false", *overrides])
+    log(f"trained {name} in {time.perf_counter() - start:.0f} s")
+    return ckpt
+
+
+def tokenize(ckpt: Path, out: Path) -> Path:
+    from tokenforge.tokenize import main
+
+    if not (out / "manifest.json").is_file():
+        main([str(ckpt), "--out", str(out), "--batch-size", "128"])
+    return out
+
+
+def tokenizer_run(args: argparse.Namespace, name: str, extra: list[str]) -> Path:
+    steps = args.tok_steps
+    return train(CONFIGS / "rqvae.yaml", args.out / "runs", name,
+                 [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", *FAST_TOKENIZER, *extra])
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def val_nll(prior: Any, codes: Path) -> float:
+    """Mean NLL per code (nats) over the whole validation split."""
+    from data.codes import CodesDataModule
+
+    dm = CodesDataModule(str(codes), batch_size=64)
+    dm.setup("fit")
+    total, count = 0.0, 0
+    prior.eval()
+    for batch in dm.val_dataloader():
+        codes_b, labels, context = prior.unpack_batch(batch)
+        n = codes_b.numel()
+        total += float(prior.loss(codes_b, labels, context).nll) * n
+        count += n
+    return total / count
+
+
+class StepTimer:
+    """Counts the calls of a module's forward and the wall time spent in them."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls, self.seconds = 0, 0.0
+        real = module.forward
+
+        def timed(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            out = real(*a, **k)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return out
+
+        module.forward = timed
+
+    @property
+    def per_step_ms(self) -> float:
+        return 1e3 * self.seconds / max(1, self.calls)
+
+
+def time_sampling(prior: Any, modules: dict[str, torch.nn.Module], batch: int, repeats: int) -> dict[str, Any]:
+    """Best wall time of ``sample(batch)`` over ``repeats`` runs, with per-module step counts/costs of the best run."""
+    prior.sample(2, generator=torch.Generator().manual_seed(0))  # warm-up
+    best: dict[str, Any] = {"seconds": math.inf}
+    for r in range(repeats):
+        timers = {k: StepTimer(m) for k, m in modules.items()}
+        start = time.perf_counter()
+        prior.sample(batch, generator=torch.Generator().manual_seed(r))
+        wall = time.perf_counter() - start
+        for m in modules.values():  # unwrap
+            del m.forward
+        if wall < best["seconds"]:
+            best = {"seconds": wall, **{f"{k}_steps": t.calls for k, t in timers.items()},
+                    **{f"{k}_ms_per_step": t.per_step_ms for k, t in timers.items()},
+                    **{f"{k}_seconds": t.seconds for k, t in timers.items()}}
+    return best
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    from stage2.prior import load_prior
+
+    tok = tokenizer_run(args, "rqvae_d4", [])
+    codes = tokenize(tok, args.out / "codes_d4")
+    runs, steps = args.out / "runs", args.prior_steps
+    common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1.0",
+              f"data.params.codes={codes}", f"data.params.batch_size={args.batch}", "model.params.dropout=0.0",
+              f"model.params.dim={args.dim}", "model.params.heads=8", "model.params.warmup_steps=100",
+              "model.params.lr=1.0e-3", "checkpoint_every_n_steps=100000"]
+    rq_ckpt = train(CONFIGS / "rq_transformer.yaml", runs, "rq_transformer",
+                    [*common, f"model.params.spatial_layers={args.spatial_layers}",
+                     f"model.params.depth_layers={args.depth_layers}"])
+    ar_ckpt = train(CONFIGS / "ar.yaml", runs, "ar_flat",
+                    [*common, f"model.params.depth={args.spatial_layers + args.depth_layers}"])
+    rq, ar = load_prior(rq_ckpt), load_prior(ar_ckpt)
+    result: dict[str, Any] = {"code_spec": rq.code_spec, "tokenizer_steps": args.tok_steps, "prior_steps": steps,
+                              "batch": args.batch, "threads": torch.get_num_threads(),
+                              "rq_params": params(rq), "ar_params": params(ar),
+                              "rq_arch": f"dim {args.dim}, spatial {args.spatial_layers} + depth "
+                                         f"{args.depth_layers} blocks",
+                              "ar_arch": f"dim {args.dim}, {args.spatial_layers + args.depth_layers} blocks"}
+    log("validation NLL ...")
+    result["rq_val_nll"] = val_nll(rq, codes)
+    result["ar_val_nll"] = val_nll(ar, codes)
+    log(f"val NLL per code: RQ {result['rq_val_nll']:.4f}, AR {result['ar_val_nll']:.4f}")
+    log("sampling ...")
+    result["rq_sampling"] = time_sampling(rq, {"spatial": rq.spatial, "depth": rq.depth_transformer},
+                                          args.sample_batch, args.repeats)
+    result["ar_sampling"] = time_sampling(ar, {"transformer": ar.transformer}, args.sample_batch, args.repeats)
+    result["sample_batch"] = args.sample_batch
+    result["speedup"] = result["ar_sampling"]["seconds"] / result["rq_sampling"]["seconds"]
+    result["nll_ratio"] = result["rq_val_nll"] / result["ar_val_nll"]
+    log(f"sampling {args.sample_batch}: RQ {result['rq_sampling']['seconds']:.2f} s, "
+        f"AR {result['ar_sampling']['seconds']:.2f} s -> {result['speedup']:.2f}x")
+    return result
+
+
+@torch.no_grad()
+def reconstruction(ckpt: Path, limit: int | None = None) -> dict[str, float]:
+    """MSE/PSNR/SSIM (and per-depth PSNR for residual codes) over the validation split."""
+    from metrics.reconstruction import ReconstructionMetrics
+    from stage1.depth_eval import DepthReconstruction, residual_depth
+    from tokenforge.runs import open_run
+
+    run = open_run(ckpt, expect="tokenizer")
+    tok, dm = run.model, run.datamodule(batch_size=128)
+    dm.setup("validate")
+    metric = ReconstructionMetrics()
+    depth = residual_depth(tok)
+    per_depth = DepthReconstruction(depth) if depth else None
+    n = 0
+    for batch in dm.val_dataloader():
+        x = batch["x"]
+        codes = tok.encode(x)
+        xrec = tok.decode(codes).clamp(-1, 1)
+        metric.update(xrec, x)
+        n += len(x)
+        if per_depth is not None:
+            per_depth.update(tok, x, codes)
+    out = {k: float(v) for k, v in metric.compute().items()} | {"num_images": n}
+    if per_depth is not None:
+        out |= per_depth.compute()
+    return out
+
+
+def depth(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"tokenizer_steps": args.tok_steps}
+    for d in (1, 2, 4, 8):
+        ckpt = tokenizer_run(args, f"rqvae_d{d}", [f"model.params.quantizer.params.depth={d}"])
+        result[f"rq_8x8x{d}"] = reconstruction(ckpt)
+        log(f"D={d}: {result[f'rq_8x8x{d}']}")
+    vq = ("model.params.quantizer={target: stage1.quantizers.vq.VectorQuantizer, params: {codebook_size: 512, "
+          "codebook: ema, decay: 0.99, beta: 0.25, kmeans_init: true, restart_dead: true}}")
+    result["vq_8x8"] = reconstruction(tokenizer_run(args, "vq_8x8", [vq]))
+    f8 = "model.params.encoder.ch_mult=[1,2,4,4]"
+    result["rq_4x4x4"] = reconstruction(tokenizer_run(args, "rqvae_4x4x4", [f8]))
+    log(f"VQ 8x8: {result['vq_8x8']}\nRQ 4x4x4: {result['rq_4x4x4']}")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=["speed", "depth"])
+    p.add_argument("--out", type=Path, default=Path("/tmp/rq_bench"))
+    p.add_argument("--tok-steps", type=int, default=400)
+    p.add_argument("--prior-steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32, help="prior training batch")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--spatial-layers", type=int, default=6)
+    p.add_argument("--depth-layers", type=int, default=2)
+    p.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = speed(args) if args.what == "speed" else depth(args)
+    path = args.out / f"{args.what}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
