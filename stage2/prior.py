@@ -292,12 +292,9 @@ class Prior(pl.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, x: Tensor) -> Any:
-        """Codes of raw data through the frozen tokenizer (eval mode, no gradients). Continuous latents
-        come channel-first from the tokenizer and are returned channel-last, as the code layout says."""
-        codes = self.frozen_tokenizer.encode(x)
-        if self.layout.continuous and not isinstance(codes, Mapping):
-            codes = codes.movedim(1, -1)
-        return codes
+        """Codes of raw data through the frozen tokenizer (eval mode, no gradients), in the code layout the
+        tokenizer's ``encode`` returns and code files store (continuous latents channel-last)."""
+        return self.frozen_tokenizer.encode(x)
 
     def batch_labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         """The batch's labels for a class-conditional prior, else ``None`` (labels are ignored)."""

@@ -157,3 +157,21 @@ def test_klvae_latents_to_code_files_to_givt_to_decoded_images(klvae_and_latents
     out = sample_main([str(prior_ckpt), "-n", "4", "--class", "1", "--cfg", "0.5", "--temperature", "0.9",
                        "--out", str(tmp_path / "samples")])
     assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_givt_on_a_frozen_klvae_encodes_images_to_the_same_latents_as_the_code_files(klvae_and_latents):
+    """A prior trained through a frozen tokenizer (no code folder) sees the latents tokenize writes."""
+    from data.codes import CodeDataset
+
+    ckpt, codes = klvae_and_latents
+    prior = GIVT(tokenizer=str(ckpt), num_classes=10, dim=16, depth=1, heads=2, num_components=2)
+    assert prior.code_shape == (7, 7, 4)
+    from stage1 import load_tokenizer
+
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    got, labels, _ = prior.unpack_batch({"x": x, "label": torch.tensor([0, 1, 2])})
+    torch.testing.assert_close(got, load_tokenizer(ckpt).encode(x))
+    assert got.shape == (3, 7, 7, 4) and labels.tolist() == [0, 1, 2]
+    stored = CodeDataset(codes, "train")[0]["codes"]
+    assert stored.shape == got.shape[1:]
+    assert torch.isfinite(prior.loss(got, labels).loss)
