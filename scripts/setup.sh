@@ -4,7 +4,7 @@
 # Safe to run again: installed packages are skipped, pip install -e is idempotent.
 set -euo pipefail
 
-DEBIAN_PACKAGES=(dataset-fashion-mnist fonts-noto-color-emoji espeak-ng)
+DEBIAN_PACKAGES=(dataset-fashion-mnist fonts-noto-color-emoji espeak-ng fluidsynth fluid-soundfont-gm)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
