@@ -117,3 +117,76 @@ def test_datamodule_splits_by_piece_and_transposes_within_voice_ranges(chorales,
     assert len(val) == len(music.windows(dm.pieces["val"][0], 2, 16, 2))  # validation stays in its key
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (8, 4 * NUM_CLASSES, 32) and batch["x"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------- modality
+def _two_voice(upper: list[int], lower: list[int], step: int = 4) -> np.ndarray:
+    """Two voices of equal-length notes (``step`` 16ths each); every note has its onset."""
+    grid = np.zeros((len(upper) * step, 2), dtype=np.int16)
+    for v, notes in enumerate((upper, lower)):
+        for i, p in enumerate(notes):
+            grid[i * step:(i + 1) * step, v] = p
+            grid[i * step, v] = p + ONSET
+    return grid
+
+
+def test_voice_leading_and_histogram_metrics_match_hand_counts():
+    from modalities.music import note_density, parallel_fraction, pitch_class_histogram, range_violations
+
+    # C5/C4 -> D5/D4: parallel octave; D5/D4 -> E5/A3: contrary; E5/A3 -> F5/Bb3 parallel fifth (E-A, F-Bb)
+    grid = _two_voice([72, 74, 76, 77], [60, 62, 57, 58])
+    fraction, moves = parallel_fraction([grid])
+    assert moves == 2 and fraction == pytest.approx(1.0)  # the contrary step is not a similar motion
+    oblique = _two_voice([72, 72, 74], [60, 65, 69])  # oblique motion, then a fifth to a fourth
+    assert parallel_fraction([oblique]) == (0.0, 1)
+    hist = pitch_class_histogram([grid])
+    assert hist[0] == pytest.approx(8 / 32) and hist.sum() == pytest.approx(1.0)
+    assert note_density([grid], 16) == pytest.approx(8 / 2)  # 8 onsets over 2 voices x 1 bar
+    assert range_violations([grid], np.array([72, 58]), np.array([76, 62])) == pytest.approx(2 / 8)  # 77 and 57
+
+
+def test_music_reconstruction_accuracy_counts_cells_and_sounding_cells():
+    from modalities.music import MusicReconstruction
+
+    tokens = torch.tensor([[[2, 1, 1, 0], [5, 0, 0, 0]]])  # 2 voices x 4 steps, 3 + 1 sounding cells
+    wrong = tokens.clone()
+    wrong[0, 0, 2] = 0  # a sounding cell lost
+    wrong[0, 1, 3] = 7  # a rest turned into a note
+    ev = MusicReconstruction(voices=2)
+    ev.update(real=one_hot(tokens), fake=one_hot(wrong) * 3.0 - 1.0)  # logits work as well as one-hot
+    out = ev.compute()
+    assert out["token_accuracy"] == pytest.approx(6 / 8) and out["note_accuracy"] == pytest.approx(3 / 4)
+
+
+def test_music_samples_score_real_data_as_perfect(chorales):
+    from modalities.music import sample_statistics
+
+    stats = sample_statistics(chorales, chorales)
+    assert stats["pitch_class_tv"] == 0 and stats["range_violations"] == 0
+    assert stats["note_density"] == stats["real_note_density"] > 1
+    assert stats["parallel_fraction"] < 0.05  # Bach avoids them
+    assert sample_statistics(chorales, [music.transposed(g, 1) for g in chorales])["pitch_class_tv"] > 0.2
+
+
+def test_writer_makes_midi_piano_roll_and_wav_or_says_what_to_install(chorales, tmp_path, monkeypatch):
+    from modalities import get_modality
+
+    modality = get_modality("music").for_spec({"layout": {"channels": 4 * NUM_CLASSES, "classes": NUM_CLASSES,
+                                                          "steps_per_bar": 16}})
+    assert modality.voices == 4
+    x = one_hot(torch.from_numpy(np.stack([grid_to_tokens(g[:32]) for g in chorales[:2]])))
+    files = modality.write_samples(x, tmp_path / "s")
+    names = {p.name for p in files}
+    assert {"piano_roll.png", "sample_000.mid", "sample_001.mid"} <= names
+    assert np.array_equal(parse_file(tmp_path / "s" / "sample_001.mid", 16), chorales[1][:32])
+    from modalities.music import audio_renderer
+
+    if audio_renderer()[0]:
+        import soundfile
+
+        data, rate = soundfile.read(tmp_path / "s" / "sample_000.wav")
+        assert rate == 22050 and len(data) > rate and np.abs(data).max() > 0.01  # two bars at 120 bpm: 4 s
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    files = modality.write_samples(x[:1], tmp_path / "quiet")
+    assert "fluidsynth fluid-soundfont-gm" in (tmp_path / "quiet" / "NO_AUDIO.txt").read_text()
+    assert not list((tmp_path / "quiet").glob("*.wav"))
