@@ -1,6 +1,7 @@
 """RQ-VAE / RQ-Transformer measurements (issue 13), everything in one process.
 
     python bench/rq.py speed  [--out /tmp/rq_bench] [--tok-steps 400] [--prior-steps 600]
+    python bench/rq.py timing [--out /tmp/rq_bench]
     python bench/rq.py depth  [--out /tmp/rq_bench] [--tok-steps 400]
 
 ``speed``: an RQ-VAE (configs/rqvae.yaml: emoji 32 px -> 8x8 positions x 4 levels, one shared
@@ -10,6 +11,8 @@ to T*D = 256 tokens are trained with the same width, the same number of blocks (
 parameter count to within the depth transformer's level-position table), batch, learning rate and
 ``--prior-steps``. Reported: validation NLL per code of both, and the sampling time of both with KV
 caches for one batch, with the number of transformer steps of each and their measured per-step cost.
+
+``timing``: the sampling part of ``speed`` alone, on freshly initialised priors (seconds, not hours).
 
 ``depth``: the depth trade-off. RQ-VAEs with the same 8x8 grid and codebook at D = 1, 2, 4, 8 and
 equal training steps: PSNR/SSIM/MSE of the validation split (rFID needs a feature extractor; see the
@@ -178,6 +181,37 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Sampling speed alone, on freshly initialised priors of the speed setting (the work per step does
+    not depend on the weights' values), plus the validation NLL of whatever prior checkpoints exist
+    under ``--out`` (with the steps they were trained for, which need not be equal)."""
+    from stage2.ar import ARPrior
+    from stage2.prior import load_prior
+    from stage2.rq_transformer import RQTransformer
+
+    spec = {"grid": [8, 8], "depth": 4, "codebook_size": 512, "continuous_dim": None}
+    torch.manual_seed(0)
+    rq = RQTransformer(code_spec=spec, dim=args.dim, spatial_layers=args.spatial_layers,
+                       depth_layers=args.depth_layers, heads=8).eval()
+    ar = ARPrior(code_spec=spec, dim=args.dim, depth=args.spatial_layers + args.depth_layers, heads=8).eval()
+    result: dict[str, Any] = {"code_spec": spec, "rq_params": params(rq), "ar_params": params(ar),
+                              "sample_batch": args.sample_batch, "threads": torch.get_num_threads()}
+    result["rq_sampling"] = time_sampling(rq, {"spatial": rq.spatial, "depth": rq.depth_transformer},
+                                          args.sample_batch, args.repeats)
+    result["ar_sampling"] = time_sampling(ar, {"transformer": ar.transformer}, args.sample_batch, args.repeats)
+    result["speedup"] = result["ar_sampling"]["seconds"] / result["rq_sampling"]["seconds"]
+    log(f"sampling {args.sample_batch}: RQ {result['rq_sampling']['seconds']:.2f} s, "
+        f"AR {result['ar_sampling']['seconds']:.2f} s -> {result['speedup']:.2f}x")
+    codes = args.out / "codes_d4"
+    for name in ("rq_transformer", "ar_flat"):
+        ckpt = args.out / "runs" / name / "checkpoints" / "last.ckpt"
+        if ckpt.is_file() and codes.is_dir():
+            step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step")
+            result[f"{name}_val_nll"] = {"steps": step, "nll": val_nll(load_prior(ckpt), codes)}
+            log(f"{name}: {result[f'{name}_val_nll']}")
+    return result
+
+
 @torch.no_grad()
 def reconstruction(ckpt: Path, limit: int | None = None) -> dict[str, float]:
     """MSE/PSNR/SSIM (and per-depth PSNR for residual codes) over the validation split."""
@@ -223,7 +257,7 @@ def depth(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["speed", "depth"])
+    p.add_argument("what", choices=["speed", "timing", "depth"])
     p.add_argument("--out", type=Path, default=Path("/tmp/rq_bench"))
     p.add_argument("--tok-steps", type=int, default=400)
     p.add_argument("--prior-steps", type=int, default=600)
@@ -238,7 +272,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = speed(args) if args.what == "speed" else depth(args)
+    result = {"speed": speed, "timing": timing, "depth": depth}[args.what](args)
     path = args.out / f"{args.what}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
