@@ -175,3 +175,18 @@ def test_givt_on_a_frozen_klvae_encodes_images_to_the_same_latents_as_the_code_f
     stored = CodeDataset(codes, "train")[0]["codes"]
     assert stored.shape == got.shape[1:]
     assert torch.isfinite(prior.loss(got, labels).loss)
+
+
+def test_evaluate_reports_latent_statistics_for_a_klvae_and_samples_a_givt(klvae_and_latents, tmp_path):
+    from helpers import CONFIGS, train
+    from tokenforge.evaluate import main as evaluate
+
+    ckpt, codes = klvae_and_latents
+    res = evaluate([str(ckpt), "--limit", "64", "--fid", "none", "--lpips", "none", "--out", str(tmp_path / "e1")])
+    assert len(res["latent_mean"]) == 4 and len(res["latent_std"]) == 4 and len(res["kl_per_dim"]) == 4
+    assert res["kl_per_element"] > 0 and res["codebook_size"] is None and "mse" in res
+    train(CONFIGS / "smoke" / "givt.yaml", tmp_path / "runs", [f"data.params.codes={codes}", "trainer.max_steps=4"],
+          name="g")
+    res = evaluate([str(tmp_path / "runs" / "g" / "checkpoints" / "last.ckpt"), "--num-samples", "8", "--limit", "16",
+                    "--fid", "none", "--out", str(tmp_path / "e2")])
+    assert res["num_samples"] == 8 and "sample_code_usage" not in res

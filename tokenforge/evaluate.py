@@ -24,6 +24,7 @@ import torch
 
 from data.atomic import atomic_write_text
 from metrics.codebook import CodebookUsage
+from metrics.latent import LatentStatistics
 from modalities import Evaluator, modality_of
 from stage1.depth_eval import DepthReconstruction, residual_depth
 from tokenforge.cli import positive_int
@@ -88,7 +89,9 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
     counts, the first inputs and their reconstructions)."""
     spec = model.code_spec
     levels = spec.get("levels") or {None: spec}  # hierarchical codes (VQ-VAE-2): usage per level, "<level>/<stat>"
-    usages = {name: CodebookUsage(lv["codebook_size"], depth=lv.get("depth")).to(device) for name, lv in levels.items()}
+    usages = {name: CodebookUsage(lv["codebook_size"], depth=lv.get("depth")).to(device) for name, lv in levels.items()
+              if lv.get("codebook_size")}  # continuous latents (KL-VAE) have no codebook: latent statistics instead
+    latents = LatentStatistics(model.latent_dim).to(device) if hasattr(model, "posterior") else None
     depth = residual_depth(model)  # residual codes: also decode with the first d levels, d = 1..D
     per_depth = DepthReconstruction(depth) if depth else None
     seen, first = 0, None
@@ -98,6 +101,9 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
         xrec = model.decode(codes).clamp(-1, 1)
         for name, usage in usages.items():
             usage.update(codes if name is None else codes[name])
+        if latents is not None:
+            q = model.posterior(x)
+            latents.update(q.mean, q.logvar)
         if per_depth is not None:
             per_depth.update(model, x, codes)
         evaluator.update(real=x, fake=xrec, labels=labels)
@@ -109,9 +115,13 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
         results |= {k if name is None else f"{name}/{k}": _num(v) for k, v in usage.compute().items()}
     if per_depth is not None:
         results |= per_depth.compute()
-    results["codebook_size"] = spec["codebook_size"]
+    if latents is not None:  # per-channel mean/std of the posterior means, KL per dim (nats per element)
+        results |= {k: v.tolist() if v.dim() else _num(v) for k, v in latents.compute().items()}
+    results["codebook_size"] = spec.get("codebook_size")
     results["num_examples"] = seen
     counts = [u.counts().cpu() for u in usages.values()]
+    if not counts:
+        return results, None, first
     return results, counts[0] if len(counts) == 1 else torch.cat([c.reshape(-1) for c in counts]), first
 
 
@@ -128,21 +138,24 @@ def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Names
     for x, real_labels in _limited(loader, args.limit):
         evaluator.update(real=x.to(device), labels=None if real_labels is None else real_labels.to(device))
         real_count += len(x)
-    code_counts = CodebookUsage(prior.codebook_size, depth=prior.code_depth).to(device)
+    discrete = not prior.layout.continuous  # GIVT samples real-valued latents: no code usage to count
+    code_counts = CodebookUsage(prior.codebook_size, depth=prior.code_depth).to(device) if discrete else None
     for start in range(0, n, args.batch_size):
         m = min(args.batch_size, n - start)
         cond = labels[start:start + m] if labels is not None else None
         codes = prior.sample(m, cond=cond, generator=gen, **kwargs)
-        code_counts.update(codes)
+        if code_counts is not None:
+            code_counts.update(codes)
         fake = tokenizer.decode(codes.to(device)).clamp(-1, 1)
         evaluator.update(fake=fake, labels=cond)
         if shown is None:
             shown = fake[:64].cpu()
     results: dict[str, Any] = {"num_samples": n, "num_real": real_count, "sampling": kwargs,
                                "class_balanced": labels is not None}
-    usage = code_counts.compute()
-    results["sample_code_usage"] = _num(usage["usage"])
-    results["sample_code_perplexity"] = _num(usage["perplexity"])
+    if code_counts is not None:
+        usage = code_counts.compute()
+        results["sample_code_usage"] = _num(usage["usage"])
+        results["sample_code_perplexity"] = _num(usage["perplexity"])
     results |= evaluator.compute()
     shown_labels = labels[:64].cpu() if labels is not None else None
     return results, shown, shown_labels
@@ -180,8 +193,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if kind == "tokenizer":
         evaluator = modality.reconstruction_evaluator(options)
         results, counts, first = evaluate_tokenizer(tokenizer, loader, args.device, evaluator, args.limit)
-        plots["usage histogram (codes sorted by frequency)"] = save_usage_histogram(
-            counts, out_dir / "usage_histogram.png", title=f"{Path(args.checkpoint).name} ({args.split})")
+        if counts is not None:
+            plots["usage histogram (codes sorted by frequency)"] = save_usage_histogram(
+                counts, out_dir / "usage_histogram.png", title=f"{Path(args.checkpoint).name} ({args.split})")
         if first is not None:
             plots["reconstructions (inputs and their reconstructions)"] = modality.save_reconstructions(
                 *first, out_dir / "reconstructions.png")
