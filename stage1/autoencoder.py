@@ -21,6 +21,7 @@ from metrics.codebook import CodebookUsage
 from modalities import get_modality
 from stage1.conv_encoder_decoder import Decoder, Encoder, collect_aux
 from stage1.ema import ParameterEMA
+from stage1.losses.categorical import grouped_cross_entropy, grouped_softmax
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 
@@ -37,9 +38,10 @@ def _as_list(resolution: int | list[int], dims: int) -> list[int]:
 class QuantizedAutoencoder(Tokenizer):
     """Encoder, 1x1 projections around a quantizer, decoder; subclasses add the training loss.
 
-    The reconstruction objective is ``rec_loss`` (L1/L2) plus ``perceptual_weight`` times the
-    modality's perceptual loss (LPIPS for images, none for plain sequences; ``perceptual`` holds its
-    options), so a new modality brings its own loss without touching a tokenizer.
+    The reconstruction objective is ``rec_loss`` (L1/L2, or ``cross_entropy`` over one-hot channel
+    groups of ``layout.classes`` classes, e.g. music tokens, whose ``decode`` returns probabilities)
+    plus ``perceptual_weight`` times the modality's perceptual loss (LPIPS for images, none for plain
+    sequences; ``perceptual`` holds its options), so a new modality brings its own loss without touching a tokenizer.
     """
 
     # Recorded at fit time (whether the perceptual loss, e.g. LPIPS weights, was found); not a constructor input.
@@ -64,8 +66,10 @@ class QuantizedAutoencoder(Tokenizer):
         perceptual: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if rec_loss not in ("l1", "l2"):
-            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
+        if rec_loss not in ("l1", "l2", "cross_entropy"):
+            raise ValueError(f"rec_loss must be 'l1', 'l2' or 'cross_entropy', got {rec_loss!r}")
+        if rec_loss == "cross_entropy" and not (layout or {}).get("classes"):
+            raise ValueError("rec_loss: cross_entropy needs model.params.layout.classes (one-hot classes per group)")
         if "target" in encoder:
             # A network class of its own (e.g. diffusers' blocks in stage1.diffusers_blocks): both
             # halves are named explicitly, since a decoder cannot be derived from another class.
@@ -118,7 +122,13 @@ class QuantizedAutoencoder(Tokenizer):
                 "depth": getattr(self.quantizer, "depth", None), "codebook_size": int(self.quantizer.codebook_size),
                 "continuous_dim": None,
                 "decoder_output": {"channels": self.out_channels,
-                                   "shape": list(self.resolution), "range": [-1.0, 1.0]}}
+                                   "shape": list(self.resolution),
+                                   "range": [0.0, 1.0] if self._categorical else [-1.0, 1.0]}}
+
+    @property
+    def _categorical(self) -> bool:
+        """Cross-entropy tokenizers decode to class probabilities per group (one-hot data, e.g. music)."""
+        return self.hparams.get("rec_loss") == "cross_entropy"
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -128,7 +138,8 @@ class QuantizedAutoencoder(Tokenizer):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         with self._eval_weights():
-            return self.decode_latent(self.quantizer.decode(codes))
+            out = self.decode_latent(self.quantizer.decode(codes))
+        return grouped_softmax(out, int(self.layout["classes"])) if self._categorical else out
 
     def decode_latent(self, z_q: Tensor) -> Tensor:
         """Quantized map -> output; a decoder with spatially conditional norms (MoVQ) also sees ``z_q``."""
@@ -166,6 +177,8 @@ class QuantizedAutoencoder(Tokenizer):
             self.ema = None
 
     def reconstruction_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
+        if self._categorical:  # xrec holds logits (forward), x is one-hot
+            return grouped_cross_entropy(xrec, x, int(self.layout["classes"]))
         return F.l1_loss(xrec, x) if self.hparams.rec_loss == "l1" else F.mse_loss(xrec, x)
 
     def setup(self, stage: str) -> None:

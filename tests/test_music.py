@@ -190,3 +190,48 @@ def test_writer_makes_midi_piano_roll_and_wav_or_says_what_to_install(chorales, 
     files = modality.write_samples(x[:1], tmp_path / "quiet")
     assert "fluidsynth fluid-soundfont-gm" in (tmp_path / "quiet" / "NO_AUDIO.txt").read_text()
     assert not list((tmp_path / "quiet").glob("*.wav"))
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+def test_grouped_cross_entropy_and_its_gradient_match_the_formula():
+    from stage1.losses.categorical import grouped_cross_entropy, grouped_softmax
+
+    torch.manual_seed(0)
+    groups, classes, steps = 2, 5, 3
+    logits = torch.randn(2, groups * classes, steps, dtype=torch.float64, requires_grad=True)
+    target_tokens = torch.randint(0, classes, (2, groups, steps))
+    target = torch.nn.functional.one_hot(target_tokens, classes).permute(0, 1, 3, 2).reshape(2, -1, steps).double()
+    loss = grouped_cross_entropy(logits, target, classes)
+    per_group = logits.detach().view(2, groups, classes, steps)
+    log_p = per_group - per_group.logsumexp(2, keepdim=True)
+    expected = -log_p.gather(2, target_tokens[:, :, None]).mean()  # mean of -log p(target) over cells
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, logits)
+    cells = 2 * groups * steps
+    probs = log_p.exp()
+    expected_grad = (probs - target.view(2, groups, classes, steps)) / cells  # d(-log softmax)/d logits
+    torch.testing.assert_close(grad.view(2, groups, classes, steps), expected_grad)
+    p = grouped_softmax(logits.detach(), classes).view(2, groups, classes, steps)
+    torch.testing.assert_close(p, probs)
+
+
+def test_a_cross_entropy_tokenizer_decodes_probabilities_and_needs_its_classes():
+    from stage1.vqvae import VQVAE
+
+    enc = {"dims": 1, "in_channels": 2 * NUM_CLASSES, "z_channels": 8, "channels": 8, "ch_mult": [1, 2],
+           "num_res_blocks": 1, "groups": 4, "mid_attn": False}
+    quantizer = {"target": "stage1.quantizers.vq.VectorQuantizer", "params": {"codebook_size": 16}}
+    with pytest.raises(ValueError, match="layout.classes"):
+        VQVAE(encoder=enc, quantizer=quantizer, resolution=16, embed_dim=4, modality="music", rec_loss="cross_entropy")
+    model = VQVAE(encoder=enc, quantizer=quantizer, resolution=16, embed_dim=4, modality="music",
+                  rec_loss="cross_entropy", layout={"classes": NUM_CLASSES, "voices": 2})
+    x = one_hot(torch.randint(0, NUM_CLASSES, (3, 2, 16)))
+    probs = model.decode(model.encode(x))
+    assert probs.shape == x.shape and probs.min() >= 0
+    torch.testing.assert_close(probs.view(3, 2, NUM_CLASSES, 16).sum(2), torch.ones(3, 2, 16))
+    assert model.code_spec["decoder_output"]["range"] == [0.0, 1.0] and model.code_spec["modality"] == "music"
+    xrec, _, _ = model(x)
+    from stage1.losses.categorical import grouped_cross_entropy
+
+    assert model.reconstruction_loss(x, xrec).item() == pytest.approx(
+        grouped_cross_entropy(xrec, x, NUM_CLASSES).item())
