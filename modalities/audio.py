@@ -6,8 +6,9 @@
   spectrograms; reconstructions are drawn original above reconstruction, with their WAVs beside.
 - Metrics: mel distance (mean |log-mel difference|, 64 mels), multi-resolution STFT distance
   (auraloss), SI-SNR (torchmetrics); for samples, a Fréchet distance on mean+std log-mel features
-  and the accuracy of a nearest-class-mean log-mel template classifier fit on the real split (a
-  template classifier, not a trained one — named as such).
+  and the accuracy of a nearest-class-mean template classifier fit on the real split (named as such);
+  with ``classifier`` (a ``metrics.audio_classifier`` checkpoint) the FD is on that trained digit
+  classifier's features (``digit_classifier_fd``, not FAD) and its accuracy is reported per class.
 """
 
 from __future__ import annotations
@@ -131,15 +132,25 @@ class AudioSamples(Evaluator):
     def __init__(self, options: Mapping[str, Any], sample_rate: int):
         super().__init__()
         self.device = options.get("device", "cpu")
-        self.features = LogMelStatistics(sample_rate).to(self.device)
+        self.classifier = None
+        if options.get("classifier") and Path(str(options["classifier"])).is_file():
+            from metrics.audio_classifier import ClassifierFeatures, DigitClassifier
+
+            self.classifier = DigitClassifier.load(options["classifier"]).to(self.device)
+            self.features: nn.Module = ClassifierFeatures(self.classifier)
+        else:
+            self.features = LogMelStatistics(sample_rate).to(self.device)
         self.fd = FrechetInceptionDistance(feature=self.features, normalize=True).to(self.device)
+        self.fd_name = "digit_classifier_fd" if self.classifier is not None else "logmel_fd"
+        self.hits: dict[int, list[int]] = {}
         self.class_sums: dict[int, Tensor] = {}
         self.class_counts: dict[int, int] = {}
         self.fakes: list[tuple[Tensor, Tensor]] = []
         self.has_fake = False
         self.notes = ["logmel_fd: Fréchet distance of per-band log-mel mean+std (not a trained network's features); "
-                      "template_class_accuracy: nearest class-mean log-mel statistics of the real split "
-                      "(a template classifier, not a trained one)"]
+                      "template_class_accuracy: nearest class-mean features of the real split (a template "
+                      "classifier); with --classifier PATH (scripts/train_audio_classifier.py): "
+                      "digit_classifier_fd on that small log-mel CNN's features (not FAD) and its accuracy per class"]
 
     def update(self, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
         if real is not None:
@@ -154,11 +165,20 @@ class AudioSamples(Evaluator):
             self.has_fake = True
             if labels is not None:
                 self.fakes.append((self.features(fake).float(), labels))
+                if self.classifier is not None:
+                    with torch.no_grad():
+                        right = self.classifier(fake.float()).argmax(1) == labels
+                    for c, ok in zip(labels.tolist(), right.tolist()):
+                        self.hits.setdefault(c, []).append(int(ok))
 
     def compute(self) -> dict[str, Any]:
         results: dict[str, Any] = {}
         if self.has_fake and int(self.fd.fake_features_num_samples) > 1:
-            results["logmel_fd"] = max(float(self.fd.compute()), 0.0)
+            results[self.fd_name] = max(float(self.fd.compute()), 0.0)
+        if self.hits:
+            results["digit_classifier_accuracy"] = sum(map(sum, self.hits.values())) / sum(map(len, self.hits.values()))
+            for c in sorted(self.hits):
+                results[f"digit_classifier_accuracy_class{c}"] = sum(self.hits[c]) / len(self.hits[c])
         if self.fakes and self.class_sums:
             classes = sorted(self.class_sums)
             means = torch.stack([self.class_sums[c] / self.class_counts[c] for c in classes])
