@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 on a shared machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's packages (modalities, ...)
 
 from data.codes import CodesDataModule  # noqa: E402
 from stage2.prior import load_prior  # noqa: E402
