@@ -88,6 +88,7 @@ class ARPrior(TransformerPrior):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         context: Tensor | None = None,
+        prompt: Tensor | None = None,
     ) -> Tensor:
         """Sample ``n`` code grids ``(n, *grid[, depth])``.
 
@@ -96,10 +97,19 @@ class ARPrior(TransformerPrior):
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the KV cache is
         benchmarked against); both paths feed the same embeddings and draw the same random numbers.
         ``context``: the ``context_level`` codes ``(n, ...)`` of a prior conditioned on another grid.
+        ``prompt``: continuation (prompted sampling, e.g. the codes of an audio clip's first second):
+        codes ``(n, t, ...)`` of the first ``t`` rows of the grid, kept as given; sampling continues after them.
         """
         labels, guided = self.guidance_labels(n, cond, cfg_scale)
         rows = labels.shape[0]
         ctx = context_inputs(self.context, context, rows)
+        fixed = 0
+        if prompt is not None:  # the prompt's rows are a prefix of the row-major (depth-minor) token order
+            t = prompt.shape[1]
+            full = torch.zeros(n, *self.layout.shape, dtype=torch.long, device=self.device)
+            full[:, :t] = prompt.to(self.device).long()
+            fixed = t * (full[0, 0].numel())
+            prompt_tokens = self.flatten_codes(full)[:, :fixed].repeat(rows // n, 1)
         with self.evaluating():
             tokens = torch.zeros(rows, self.seq_len, dtype=torch.long, device=self.device)
             cache = self.transformer.new_cache(rows, self.seq_len) if use_cache else None
@@ -114,5 +124,5 @@ class ARPrior(TransformerPrior):
                 if guided:
                     logits = cfg_logits(logits[:n], logits[n:], cfg_scale)
                 nxt = sample_from_logits(logits, temperature, generator, top_k=top_k, top_p=top_p)
-                tokens[:, t] = nxt.repeat(rows // n)
+                tokens[:, t] = prompt_tokens[:, t] if t < fixed else nxt.repeat(rows // n)
         return self.unflatten_codes(tokens[:n])

@@ -221,7 +221,15 @@ def audio_run(tmp_path_factory):
     return ckpt, codes
 
 
-def test_codec_to_prior_to_wav_end_to_end(audio_run, tmp_path):
+@pytest.fixture(scope="module")
+def audio_prior(audio_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio_prior")
+    train(CONFIGS / "smoke" / "audio_ar.yaml", root, [f"data.params.codes={audio_run[1]}", "trainer.max_steps=6",
+                                                    "trainer.val_check_interval=6"])
+    return root / "audio_ar" / "checkpoints" / "last.ckpt"
+
+
+def test_codec_to_prior_to_wav_end_to_end(audio_run, audio_prior, tmp_path):
     import soundfile
 
     from stage1 import load_tokenizer
@@ -232,10 +240,7 @@ def test_codec_to_prior_to_wav_end_to_end(audio_run, tmp_path):
     assert spec["modality"] == "audio" and spec["grid"] == [32] and spec["depth"] == 3
     assert spec["layout"]["sample_rate"] == 16000
     assert list((ckpt.parents[1] / "images").glob("recon_step*_0_reconstruction.wav"))
-    train(CONFIGS / "smoke" / "audio_ar.yaml", tmp_path, [f"data.params.codes={codes}", "trainer.max_steps=6",
-                                                        "trainer.val_check_interval=6"])
-    out = sample([str(tmp_path / "audio_ar" / "checkpoints" / "last.ckpt"), "-n", "3", "--class", "7",
-                  "--out", str(tmp_path / "samples")])
+    out = sample([str(audio_prior), "-n", "3", "--class", "7", "--out", str(tmp_path / "samples")])
     wavs = sorted(out.glob("sample_*_class7.wav"))
     assert len(wavs) == 3 and (out / "spectrograms.png").is_file()
     data, rate = soundfile.read(wavs[0])
@@ -288,3 +293,42 @@ def test_fsq_and_residual_fsq_work_in_the_codec():
         x = torch.randn(2, 1, 256)
         assert model.decode(model.encode(x)).shape == x.shape
         assert F.l1_loss(model(x)[0], x).isfinite()
+
+
+def test_continuation_keeps_the_prompt_and_continues_it(audio_run, audio_prior):
+    """Prompted sampling: the first frames of a held-out clip's codes are kept, the rest sampled."""
+    from tokenforge.runs import open_run
+
+    run = open_run(str(audio_prior))
+    prior, codec = run.model, run.tokenizer
+    dm = AudioDataModule(**{k: v for k, v in TINY.items() if k != "num_voices"}, num_voices=3, num_val_voices=1)
+    clip = dm.split_dataset("val")[0]["x"].unsqueeze(0)
+    prompt = codec.encode(clip[..., : 12 * 320])  # the first 12 frames (0.24 s)
+    assert prompt.shape == (1, 12, 3)
+    gen = torch.Generator().manual_seed(0)
+    codes = prior.sample(2, cond=int(dm.split_dataset("val")[0]["label"]), prompt=prompt.repeat(2, 1, 1),
+                         generator=gen)
+    assert codes.shape == (2, 32, 3) and torch.equal(codes[:, :12], prompt.repeat(2, 1, 1))
+    audio = codec.decode(codes)
+    assert audio.shape == (2, 1, 10240) and torch.isfinite(audio).all()
+
+
+@needs_espeak
+def test_digit_classifier_learns_round_trips_and_scores_samples(tmp_path):
+    from metrics.audio_classifier import DigitClassifier, accuracy, train_digit_classifier
+
+    dm = AudioDataModule(**{k: v for k, v in TINY.items() if k != "num_voices"}, num_voices=3, num_val_voices=1)
+    train_set = dm.split_dataset("train")[list(range(20))]
+    x, y = train_set["x"], train_set["label"]
+    model = train_digit_classifier(x, y, epochs=40, batch_size=10, width=8)
+    assert accuracy(model, x, y) >= 0.8
+    path = model.save(tmp_path / "digits.pt", val_accuracy=0.5)
+    again = DigitClassifier.load(path)
+    torch.testing.assert_close(again(x[:4]), model(x[:4]))
+    ev = get_modality("audio").sample_evaluator({"classifier": str(path)})
+    ev.update(real=x, labels=y)
+    ev.update(fake=x, labels=y)
+    out = ev.compute()
+    assert out["digit_classifier_fd"] == pytest.approx(0.0, abs=1e-3)  # identical sets
+    assert out["digit_classifier_accuracy"] == pytest.approx(accuracy(model, x, y))
+    assert {f"digit_classifier_accuracy_class{c}" for c in range(10)} <= set(out)
