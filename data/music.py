@@ -90,9 +90,14 @@ def grid_to_score(grid: np.ndarray, steps_per_bar: int = 16) -> Any:
         part = m21.stream.Part()
         part.insert(0, m21.meter.TimeSignature(f"{round(quarters)}/4" if quarters == int(quarters)
                                                else f"{steps_per_bar}/16"))
-        for start, length, pitch in grid_notes(grid[:, v]):
-            note = m21.note.Note(midi=pitch, quarterLength=length / STEPS_PER_QUARTER)
-            part.insert(start / STEPS_PER_QUARTER, note)
+        at = 0  # explicit rests keep every voice (even an empty one) the grid's length in MusicXML
+        for start, length, pitch in [*grid_notes(grid[:, v]), (len(grid), 0, 0)]:
+            if start > at:
+                part.insert(at / STEPS_PER_QUARTER, m21.note.Rest(quarterLength=(start - at) / STEPS_PER_QUARTER))
+            if length:
+                part.insert(start / STEPS_PER_QUARTER,
+                            m21.note.Note(midi=pitch, quarterLength=length / STEPS_PER_QUARTER))
+            at = start + length
         score.insert(0, part)
     return score
 
@@ -116,6 +121,15 @@ def write_midi(grid: np.ndarray, path: str | os.PathLike, steps_per_bar: int = 1
     from data.atomic import atomic_write
 
     data = _music21().midi.translate.streamToMidiFile(grid_to_score(grid, steps_per_bar)).writestr()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_musicxml(grid: np.ndarray, path: str | os.PathLike, steps_per_bar: int = 16) -> Path:
+    """The grid as MusicXML, atomically: unlike MIDI it keeps empty voices and trailing rests (whole bars)."""
+    from data.atomic import atomic_write
+
+    exporter = _music21().musicxml.m21ToXml.GeneralObjectExporter(grid_to_score(grid, steps_per_bar))
+    data = exporter.parse()
     return atomic_write(path, lambda f: f.write(data))
 
 

@@ -3,7 +3,8 @@
 
 - Loss: none extra; tokenizers use ``rec_loss: cross_entropy`` over the token classes (the decoder
   emits logits, ``decode`` returns per-voice probabilities); every tensor here is read by its argmax.
-- Files: one ``.mid`` per sample (music21), ``piano_roll.png`` (voices in colours, bar lines), and
+- Files: one ``.mid`` and one ``.musicxml`` per sample (music21; MIDI cannot hold a silent voice or
+  trailing rests, MusicXML keeps every voice and bar), ``piano_roll.png`` (voices in colours, bar lines), and
   a ``.wav`` per sample rendered by ``fluidsynth`` with the General MIDI soundfont when both are
   installed (otherwise ``NO_AUDIO.txt`` says what to install).
 - Metrics: reconstruction token and note accuracy; for samples, against the real split: the
@@ -24,7 +25,7 @@ import numpy as np
 from torch import Tensor
 
 from data.atomic import atomic_write, atomic_write_text
-from data.music import NUM_CLASSES, ONSET, decode_tokens, tokens_to_grid, write_midi
+from data.music import NUM_CLASSES, ONSET, decode_tokens, tokens_to_grid, write_midi, write_musicxml
 from modalities.base import Evaluator, Modality
 
 MAX_SHOWN = 8
@@ -224,18 +225,21 @@ class MusicModality(Modality):
         return plot_piano_rolls(grids_of(x[:MAX_SHOWN], self.voices), path, self.steps_per_bar, titles)
 
     def write_samples(self, x: Tensor, out: Path, labels: Tensor | None = None) -> list[Path]:
-        """``piano_roll.png`` (the first 8), ``sample_NNN.mid`` for all, ``sample_NNN.wav`` for the first 8
-        when fluidsynth and the GM soundfont are installed (else ``NO_AUDIO.txt`` says what to install)."""
+        """``piano_roll.png`` (the first 8), ``sample_NNN.mid`` and ``.musicxml`` for all, ``sample_NNN.wav``
+        for the first 8 when fluidsynth and the GM soundfont are installed (else ``NO_AUDIO.txt`` says
+        what to install)."""
         out = Path(out)
         grids = grids_of(x, self.voices)
         files = [self.save_preview(x, out / "piano_roll.png", labels)]
         midis = [write_midi(g, out / f"sample_{i:03d}.mid", self.steps_per_bar) for i, g in enumerate(grids)]
+        # MIDI drops silent voices and trailing rests; MusicXML keeps every voice and bar
+        xmls = [write_musicxml(g, out / f"sample_{i:03d}.musicxml", self.steps_per_bar) for i, g in enumerate(grids)]
         binary, note = audio_renderer()
         if binary:
             files += [render_wav(m, m.with_suffix(".wav"), binary) for m in midis[:MAX_RENDERED]]
         else:
             files.append(atomic_write_text(out / "NO_AUDIO.txt", note + "\n"))
-        return files + midis
+        return files + midis + xmls
 
     def reconstruction_evaluator(self, options: Mapping[str, Any]) -> MusicReconstruction:
         return MusicReconstruction(self.voices)

@@ -122,8 +122,11 @@ def maskgit_decode(
     schedule: str = "cosine",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    init: Tensor | None = None,
 ) -> Tensor:
     """Iterative parallel decoding: ``steps`` calls of ``logits_fn``, returns (B, N) codes, no mask left.
+
+    ``init`` (B, N): infilling; its tokens other than ``mask_id`` are fixed from the start and never change.
 
     At step t every masked position gets a sampled token; its confidence is its log-probability
     plus Gumbel noise scaled by ``choice_temperature * (1 - (t + 1) / T)`` (MaskGIT anneals the
@@ -134,7 +137,8 @@ def maskgit_decode(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device)
-    tokens = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
+    tokens = torch.full((batch, length), mask_id, dtype=torch.long, device=device) if init is None \
+        else init.to(device=device, dtype=torch.long).clone()
     for t in range(steps):
         unknown = tokens == mask_id
         logits = logits_fn(tokens, t)
@@ -250,8 +254,12 @@ class MaskGITPrior(TransformerPrior):
         schedule: str | None = None,
         generator: torch.Generator | None = None,
         context: Tensor | None = None,
+        init: Tensor | None = None,
     ) -> Tensor:
         """Sample ``n`` code grids ``(n, *grid[, depth])`` in ``steps`` parallel decoding steps.
+
+        ``init``: infilling; codes shaped like a sample with ``self.mask_id`` where they are to be
+        filled (e.g. whole bars of music); the others stay exactly as given.
 
         ``cond``: None (the null class), one class for all, or ``n`` classes. ``cfg_scale`` guides as
         ``cond + s * (cond - uncond)`` with both branches in one batched forward (needs ``cond``;
@@ -275,6 +283,6 @@ class MaskGITPrior(TransformerPrior):
             flat = maskgit_decode(
                 logits_fn, n, self.seq_len, self.mask_id, steps=steps, temperature=temperature, top_k=top_k,
                 top_p=top_p, choice_temperature=choice_temperature, schedule=schedule, generator=generator,
-                device=self.device,
+                device=self.device, init=None if init is None else self._flat_tokens(init),
             )
         return self.unflatten_codes(flat)
