@@ -295,3 +295,14 @@ def test_maskgit_infilling_never_changes_the_fixed_bars(music_tokenizer_and_code
     init[:, :4] = prior.mask_id  # and the other way round
     filled = prior.sample(3, init=init, steps=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(filled[:, 4:], real[:, 4:])
+
+
+def test_evaluate_a_music_tokenizer_reports_note_accuracy_usage_and_perplexity(music_tokenizer_and_codes, tmp_path):
+    from tokenforge.evaluate import main as evaluate
+
+    ckpt, _ = music_tokenizer_and_codes
+    res = evaluate([str(ckpt), "--out", str(tmp_path / "ev")])
+    for field in ("token_accuracy", "note_accuracy", "usage", "perplexity"):
+        assert field in res, field
+    assert 0 <= res["note_accuracy"] <= res["token_accuracy"] + 1 and "psnr" not in res
+    assert (tmp_path / "ev" / "reconstructions.png").is_file()
