@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.audio import AudioDataModule  # noqa: E402
-from modalities import get_modality  # noqa: E402
 from stage1.audio_codec import AudioCodec  # noqa: E402
+from stage1.modalities import get_modality  # noqa: E402
 
 RATIOS = [8, 5, 4, 2]
 FRAME_RATE = 50

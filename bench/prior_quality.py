@@ -65,7 +65,7 @@ def save_samples(prior, out: Path, per_class: int, cfg_scale: float, device: str
     path = prior.tokenizer_path
     if not path or not Path(path).is_file():
         return f"codes only ({out / 'codes.npy'}): tokenizer checkpoint {path!r} not found"
-    from modalities.image import save_grid
+    from stage1.modalities.image import save_grid
     from stage1.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path, map_location=device)

@@ -120,7 +120,7 @@ def real_test_images(n: int) -> torch.Tensor:
 
 def score_variant(prior: Any, tokenizer: Any, kwargs: dict[str, Any], real: torch.Tensor, classifier: Path,
                   args: argparse.Namespace) -> dict[str, Any]:
-    from modalities import modality_of
+    from stage1.modalities import modality_of
 
     evaluator = modality_of(tokenizer.code_spec).sample_evaluator(
         {"fid": "domain", "classifier": str(classifier), "device": "cpu", "dataset": "fashion_mnist"})

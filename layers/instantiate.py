@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-PROJECT_PACKAGES = ("stage1", "stage2", "layers", "metrics", "data", "modalities", "tokenforge")
+PROJECT_PACKAGES = ("stage1", "stage2", "layers", "metrics", "data", "tokenforge")
 ALLOWED_EXTERNAL = (
     "torch.nn",
     "pytorch_lightning.callbacks",

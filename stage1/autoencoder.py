@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
-from modalities import get_modality
 from stage1.conv_encoder_decoder import Decoder, Encoder, collect_aux
 from stage1.ema import ParameterEMA
 from stage1.losses.categorical import grouped_cross_entropy, grouped_softmax
+from stage1.modalities import get_modality
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 

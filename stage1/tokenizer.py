@@ -21,7 +21,7 @@ class Tokenizer(pl.LightningModule):
     """Stage-one LightningModule: ``encode(x) -> codes``, ``decode(codes) -> x``, ``code_spec``.
 
     ``code_spec`` is a plain dict that stage two and the commands read: ``{"modality": name (see
-    ``modalities/``), "layout": {"channels", "shape", ...}, "grid": [...], "depth": None|int,
+    ``stage1/modalities/``), "layout": {"channels", "shape", ...}, "grid": [...], "depth": None|int,
     "codebook_size": int, "continuous_dim": None|int, "decoder_output": {"channels", "shape", "range"}}``.
     """
 

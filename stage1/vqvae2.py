@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
-from modalities import get_modality
 from stage1.autoencoder import _as_list, warmup_cosine
 from stage1.conv_encoder_decoder import Decoder, Encoder, Upsample, _conv
+from stage1.modalities import get_modality
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 

@@ -14,7 +14,6 @@ import torchaudio
 from data.audio import AudioDataModule, find_espeak, random_crops, spoken_digit_clips
 from data.errors import MissingDataError
 from helpers import CONFIGS, train
-from modalities import get_modality
 from stage1.losses.audio import (
     LossBalancer,
     MultiScaleMelLoss,
@@ -23,6 +22,7 @@ from stage1.losses.audio import (
     generator_hinge_loss,
     multi_resolution_stft_loss,
 )
+from stage1.modalities import get_modality
 from stage1.seanet import SEANetDecoder, SEANetEncoder
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -259,7 +259,7 @@ def test_evaluate_an_audio_codec_reports_audio_metrics(audio_run, tmp_path):
 
 
 def test_the_audio_modality_binds_the_code_specs_sample_rate():
-    from modalities import modality_of
+    from stage1.modalities import modality_of
 
     assert get_modality("audio").datamodule == "data.audio.AudioDataModule"
     assert modality_of({"modality": "audio", "layout": {"sample_rate": 8000}}).sample_rate == 8000

@@ -131,7 +131,7 @@ def _two_voice(upper: list[int], lower: list[int], step: int = 4) -> np.ndarray:
 
 
 def test_voice_leading_and_histogram_metrics_match_hand_counts():
-    from modalities.music import note_density, parallel_fraction, pitch_class_histogram, range_violations
+    from stage1.modalities.music import note_density, parallel_fraction, pitch_class_histogram, range_violations
 
     # C5/C4 -> D5/D4: parallel octave; D5/D4 -> E5/A3: contrary; E5/A3 -> F5/Bb3 parallel fifth (E-A, F-Bb)
     grid = _two_voice([72, 74, 76, 77], [60, 62, 57, 58])
@@ -146,7 +146,7 @@ def test_voice_leading_and_histogram_metrics_match_hand_counts():
 
 
 def test_music_reconstruction_accuracy_counts_cells_and_sounding_cells():
-    from modalities.music import MusicReconstruction
+    from stage1.modalities.music import MusicReconstruction
 
     tokens = torch.tensor([[[2, 1, 1, 0], [5, 0, 0, 0]]])  # 2 voices x 4 steps, 3 + 1 sounding cells
     wrong = tokens.clone()
@@ -159,7 +159,7 @@ def test_music_reconstruction_accuracy_counts_cells_and_sounding_cells():
 
 
 def test_music_samples_score_real_data_as_perfect(chorales):
-    from modalities.music import sample_statistics
+    from stage1.modalities.music import sample_statistics
 
     stats = sample_statistics(chorales, chorales)
     assert stats["pitch_class_tv"] == 0 and stats["range_violations"] == 0
@@ -169,7 +169,7 @@ def test_music_samples_score_real_data_as_perfect(chorales):
 
 
 def test_writer_makes_midi_piano_roll_and_wav_or_says_what_to_install(chorales, tmp_path, monkeypatch):
-    from modalities import get_modality
+    from stage1.modalities import get_modality
 
     modality = get_modality("music").for_spec({"layout": {"channels": 4 * NUM_CLASSES, "classes": NUM_CLASSES,
                                                           "steps_per_bar": 16}})
@@ -179,7 +179,7 @@ def test_writer_makes_midi_piano_roll_and_wav_or_says_what_to_install(chorales, 
     names = {p.name for p in files}
     assert {"piano_roll.png", "sample_000.mid", "sample_001.mid"} <= names
     assert np.array_equal(parse_file(tmp_path / "s" / "sample_001.mid", 16), chorales[1][:32])
-    from modalities.music import audio_renderer
+    from stage1.modalities.music import audio_renderer
 
     if audio_renderer()[0]:
         import soundfile

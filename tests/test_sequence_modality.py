@@ -11,9 +11,9 @@ import torch
 
 from data.sequence import SequenceDataModule, sine_mixtures
 from helpers import CONFIGS, train
-from modalities import available, get_modality
-from modalities.sequence import SequenceReconstruction, log_spectrum
 from stage1 import load_tokenizer
+from stage1.modalities import available, get_modality
+from stage1.modalities.sequence import SequenceReconstruction, log_spectrum
 from tokenforge.evaluate import main as evaluate
 from tokenforge.sample import main as sample
 from tokenforge.tokenize import main as tokenize
@@ -48,7 +48,7 @@ def test_the_registry_finds_each_modality_file_and_names_what_is_missing():
     assert {"image", "sequence"} <= set(available()) and not any(n.startswith("_") for n in available())
     assert get_modality("sequence").datamodule == "data.sequence.SequenceDataModule"
     assert get_modality(None).name == "image"  # a code spec from before modalities
-    from modalities.base import PLANNED
+    from stage1.modalities.base import PLANNED
 
     unbuilt = [name for name in PLANNED if name not in available()]
     if unbuilt:
@@ -134,7 +134,7 @@ def test_a_new_modality_file_brings_its_own_tokenizer_loss(monkeypatch):
 
     from torch import nn
 
-    from modalities.base import Modality
+    from stage1.modalities.base import Modality
     from stage1.vqvae import VQVAE
 
     def spectrum_l1(a, b):
@@ -150,9 +150,9 @@ def test_a_new_modality_file_brings_its_own_tokenizer_loss(monkeypatch):
         def perceptual_loss(self, options):
             return SpectrumLoss(), "spectrum L1"
 
-    module = types.ModuleType("modalities.toy")
+    module = types.ModuleType("stage1.modalities.toy")
     module.MODALITY = Toy()
-    monkeypatch.setitem(sys.modules, "modalities.toy", module)
+    monkeypatch.setitem(sys.modules, "stage1.modalities.toy", module)
     enc = {"dims": 1, "in_channels": 1, "z_channels": 8, "channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
            "groups": 4, "mid_attn": False}
     quantizer = {"target": "stage1.quantizers.vq.VectorQuantizer", "params": {"codebook_size": 16}}

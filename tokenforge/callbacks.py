@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from modalities import modality_of
+from stage1.modalities import modality_of
 from stage1.tokenizer import CHECKPOINT_KEY
 from tokenforge.usage_plot import save_usage_histogram
 

@@ -25,8 +25,8 @@ import torch
 from data.atomic import atomic_write_text
 from metrics.codebook import CodebookUsage
 from metrics.latent import LatentStatistics
-from modalities import Evaluator, modality_of
 from stage1.depth_eval import DepthReconstruction, residual_depth
+from stage1.modalities import Evaluator, modality_of
 from tokenforge.cli import positive_int
 from tokenforge.report import write_report
 from tokenforge.runs import open_run

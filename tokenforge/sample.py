@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data.atomic import atomic_write, atomic_write_text
-from modalities import modality_of
+from stage1.modalities import modality_of
 from tokenforge.cli import positive_int
 from tokenforge.runs import open_run
 from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from data.atomic import atomic_write
-from modalities.base import Evaluator, Modality
+from stage1.modalities.base import Evaluator, Modality
 
 MAX_SHOWN = 16
 DEFAULT_SAMPLE_RATE = 16000

@@ -5,7 +5,7 @@ use, the extra reconstruction loss a tokenizer adds (LPIPS for images, multi-res
 audio, ...), how decoded tensors become files people open (PNG grid, WAV, MIDI, GIF, ``.npz``), and
 the metrics ``evaluate`` reports. A tokenizer names its modality in its code spec, and every
 command asks :func:`get_modality` for it, so ``train``, ``tokenize``, ``sample`` and ``evaluate``
-never branch on the kind of data. A new modality is one file ``modalities/<name>.py`` that defines
+never branch on the kind of data. A new modality is one file ``stage1/modalities/<name>.py`` that defines
 a :class:`Modality` subclass and binds one instance to the module attribute ``MODALITY``.
 
 Import rules: a modality file may import ``data``, ``metrics``, ``layers`` and torch, never a stage
@@ -144,20 +144,20 @@ class Modality:
 
 
 def get_modality(name: str | None) -> Modality:
-    """The modality registered as ``modalities/<name>.py``; ``None`` (a spec from before modalities) is image."""
+    """The modality registered as ``stage1/modalities/<name>.py``; ``None`` (a spec from before modalities) is image."""
     name = name or "image"
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"modality names are lower-case identifiers, got {name!r}")
     try:
-        module = importlib.import_module(f"modalities.{name}")
+        module = importlib.import_module(f"stage1.modalities.{name}")
     except ModuleNotFoundError as err:
-        if err.name != f"modalities.{name}":
+        if err.name != f"stage1.modalities.{name}":
             raise
         planned = f" ({name!r} is planned but not implemented yet)" if name in PLANNED else ""
         raise ValueError(f"unknown modality {name!r}{planned}; available: {', '.join(available())}") from err
     modality = getattr(module, "MODALITY", None)
     if not isinstance(modality, Modality):
-        raise ValueError(f"modalities/{name}.py defines no MODALITY (a Modality instance)")
+        raise ValueError(f"stage1/modalities/{name}.py defines no MODALITY (a Modality instance)")
     return modality
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from data.atomic import atomic_write, atomic_write_text
 from data.music import NUM_CLASSES, ONSET, decode_tokens, tokens_to_grid, write_midi, write_musicxml
-from modalities.base import Evaluator, Modality
+from stage1.modalities.base import Evaluator, Modality
 
 MAX_SHOWN = 8
 MAX_RENDERED = 8

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from data.atomic import atomic_write
-from modalities.base import Evaluator, FeatureSamples, Modality
+from stage1.modalities.base import Evaluator, FeatureSamples, Modality
 
 MAX_PLOTTED = 16
 

@@ -14,8 +14,8 @@ from data.atomic import atomic_write
 from metrics.lpips_offline import load_lpips, prepare_lpips_inputs
 from metrics.precision_recall import PrecisionRecall
 from metrics.reconstruction import ReconstructionMetrics
-from modalities._image_features import choose_features, choose_lpips
-from modalities.base import Evaluator, Modality
+from stage1.modalities._image_features import choose_features, choose_lpips
+from stage1.modalities.base import Evaluator, Modality
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:
