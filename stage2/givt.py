@@ -23,18 +23,17 @@ sampler (:func:`stage2.gmm.db_cfg_sample`); its acceptance rate is kept in ``las
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from layers.transformer import Transformer
-from stage2.ar import init_gpt_weights
 from stage2.gmm import DBCFGStats, GaussianMixture, GMMHead, db_cfg_sample
 from stage2.options import SamplingOption
-from stage2.prior import Prior, PriorLoss
+from stage2.prior import PriorLoss
+from stage2.transformer_prior import TransformerPrior, init_gpt_weights
 
 GIVT_SAMPLING = (
     SamplingOption("temperature", float, 1.0, "scale every mixture standard deviation by this (GIVT's t)"),
@@ -49,12 +48,12 @@ def _rows(gmm: GaussianMixture, rows: slice) -> GaussianMixture:
     return GaussianMixture(gmm.logits[rows], gmm.loc[rows], gmm.scale[rows])
 
 
-class GIVT(Prior):
+class GIVT(TransformerPrior):
     """Causal GIVT prior over continuous latents ``(B, *grid, d)``.
 
     Args:
-        dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the causal
-            :class:`layers.transformer.Transformer` (``ffn`` takes an MoE spec, as in ``configs/ar_moe.yaml``).
+        norm, mlp, positions: GIVT's defaults for the causal transformer; it and its other arguments
+            (dim, depth, heads, mlp_ratio, dropout, ffn, ffn_every) are :class:`TransformerPrior`'s.
         num_components: mixture components k (GIVT: 16); 1 is a single diagonal Gaussian.
         scale_tol: floor of the mixture scales.
         normalize: normalise latents per channel with training-set statistics.
@@ -67,30 +66,19 @@ class GIVT(Prior):
 
     def __init__(
         self,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
         norm: str = "layernorm",
         mlp: str = "gelu",
         positions: str = "learned",
-        dropout: float = 0.0,
-        ffn: Mapping[str, Any] | None = None,
-        ffn_every: int = 1,
         num_components: int = 16,
         scale_tol: float = 1e-6,
         normalize: bool = True,
         norm_items: int = 20000,
         **prior: Any,
     ):
-        super().__init__(**prior)
+        super().__init__(norm=norm, mlp=mlp, positions=positions, **prior)
         self.latent_dim = int(self.layout.continuous_dim)  # type: ignore[arg-type]
-        grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
-        self.transformer = Transformer(
-            dim, depth, heads, causal=True, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, positions=positions,
-            max_len=self.seq_len, grid=grid if positions == "rope2d" else None, dropout=dropout,
-            ffn=self.hparams["ffn"], ffn_every=ffn_every,
-        )
+        dim = self.dim
+        self.transformer = self.build_transformer(causal=True)  # position 0 (the class token) is cell 0
         self.embed = self.code_embedding(dim)  # a linear map of the latent vector
         self.classes = self.class_embedding(dim)
         self.apply(init_gpt_weights)

@@ -45,9 +45,11 @@ class TransformerPrior(Prior):
         super().__init__(**prior)
         self.dim = dim
 
-    def build_transformer(self, causal: bool, num_prefix: int = 0, max_len: int | None = None) -> Transformer:
+    def build_transformer(self, causal: bool, num_prefix: int = 0, max_len: int | None = None,
+                          **extra: Any) -> Transformer:
         """The transformer over ``num_prefix`` prefix tokens and the code tokens (``max_len`` positions,
-        default ``num_prefix + seq_len``); rope2d rotates the code tokens by their (grid, depth) cell."""
+        default ``num_prefix + seq_len``); rope2d rotates the code tokens by their (grid, depth) cell.
+        ``extra`` goes to :class:`layers.transformer.Transformer` as is (e.g. ``cond_dim`` for AdaLN)."""
         hp = self.hparams
         rope2d = hp["positions"] == "rope2d"
         cells = list(self.grid) + ([self.code_depth] if self.code_depth else [])
@@ -56,5 +58,5 @@ class TransformerPrior(Prior):
             hp["dim"], hp["depth"], hp["heads"], causal=causal, mlp_ratio=hp["mlp_ratio"], norm=hp["norm"],
             mlp=hp["mlp"], positions=hp["positions"], max_len=max_len,
             grid=cells if rope2d else None, num_prefix=num_prefix, dropout=hp["dropout"], ffn=hp["ffn"],
-            ffn_every=hp["ffn_every"],
+            ffn_every=hp["ffn_every"], **extra,
         )

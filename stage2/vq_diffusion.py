@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from layers.norms import AdaptiveNorm
-from layers.transformer import Transformer
-from stage2.ar import init_gpt_weights
 from stage2.discrete_diffusion import (
     DiscreteDiffusion,
     ImportanceStepSampler,
@@ -43,7 +41,8 @@ from stage2.discrete_diffusion import (
     truncate,
 )
 from stage2.options import CFG_SCALE, SamplingOption, optional_float, optional_int
-from stage2.prior import Prior, PriorLoss
+from stage2.prior import PriorLoss
+from stage2.transformer_prior import TransformerPrior, init_gpt_weights
 
 # log_p_x0_fn(x_t (B, N) with mask ids, t (B,) 1-based) -> log p(x_0 | x_t) (B, N, K), final (guided,
 # truncated) distribution over the real codes.
@@ -124,12 +123,13 @@ def purity_decode(
     return x
 
 
-class VQDiffusionPrior(Prior):
+class VQDiffusionPrior(TransformerPrior):
     """Class-conditional (or unconditional) VQ-Diffusion prior over flat or residual code grids.
 
     Args:
-        dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn, ffn_every: the bidirectional
-            :class:`layers.transformer.Transformer`, with AdaLN norms (``ffn`` may be any MoE spec).
+        depth, norm, mlp, positions: VQ-Diffusion's defaults for the bidirectional transformer (AdaLN
+            norms); it and its other arguments (dim, heads, mlp_ratio, dropout, ffn, ffn_every) are
+            :class:`TransformerPrior`'s.
         diffusion_steps: ``T``. alpha_start, alpha_end, gamma_start, gamma_end: the ends of the linear
             cumulative schedules ``abar_1..abar_T`` and ``gbar_1..gbar_T`` (the paper's by default).
         aux_weight: λ of the auxiliary x_0 cross-entropy (5e-4 in the paper). adaptive_aux: the official
@@ -151,16 +151,10 @@ class VQDiffusionPrior(Prior):
 
     def __init__(
         self,
-        dim: int = 256,
         depth: int = 6,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
         norm: str = "layernorm",
         mlp: str = "gelu",
         positions: str = "learned",
-        dropout: float = 0.0,
-        ffn: Mapping[str, Any] | None = None,
-        ffn_every: int = 1,
         diffusion_steps: int = 100,
         alpha_start: float = 0.99999,
         alpha_end: float = 0.000009,
@@ -171,19 +165,14 @@ class VQDiffusionPrior(Prior):
         importance_sampling: bool = False,
         **prior: Any,
     ):
-        super().__init__(**prior)
+        super().__init__(depth=depth, norm=norm, mlp=mlp, positions=positions, **prior)
+        dim = self.dim
         self.aux_weight, self.adaptive_aux = float(aux_weight), bool(adaptive_aux)
         self.diffusion = DiscreteDiffusion(self.codebook_size, diffusion_steps, alpha_start, alpha_end,
                                            gamma_start, gamma_end)
         self.step_sampler = ImportanceStepSampler(diffusion_steps, importance_sampling)
         self.mask_id = self.diffusion.mask_id
-        grid = list(self.grid) + ([self.code_depth] if self.code_depth else [])
-        rope2d = positions == "rope2d"
-        self.transformer = Transformer(
-            dim, depth, heads, causal=False, mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, positions=positions,
-            max_len=None if rope2d else self.seq_len, grid=grid if rope2d else None, dropout=dropout,
-            ffn=self.hparams["ffn"], ffn_every=ffn_every, cond_dim=dim,
-        )
+        self.transformer = self.build_transformer(causal=False, cond_dim=dim)  # AdaLN on emb(t) + emb(y)
         self.embed = self.code_embedding(dim, extra_tokens=1)  # last row = [MASK]
         self.classes = self.class_embedding(dim)  # last row = the learned null class
         self.time_emb = nn.Embedding(diffusion_steps + 1, dim)  # t = 1..T (row 0 unused)
