@@ -81,11 +81,7 @@ class QuantizedAutoencoder(Tokenizer):
             enc_params, dec_cfg = dict(encoder.get("params") or {}), dict(decoder.get("params") or {})
         else:
             enc_params = dict(encoder)
-            self.encoder = Encoder(**encoder)
-            dec_cfg = dict(encoder) if decoder is None else dict(decoder)
-            if decoder is None:  # mirror the encoder
-                dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
-            self.decoder = Decoder(**dec_cfg)
+            self.encoder, self.decoder, dec_cfg = build_encoder_decoder(encoder, decoder)
         self.dims = int(enc_params.get("dims", 2))
         z_channels = int(enc_params.get("z_channels", 64))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.dims]
@@ -186,20 +182,12 @@ class QuantizedAutoencoder(Tokenizer):
         if stage != "fit" or self.perceptual_weight <= 0 or self._perceptual:
             self.hparams.perceptual_active = bool(self._perceptual)
             return
-        loss, note = self.modality.perceptual_loss(self.perceptual_options)
-        if loss is None:
-            rank_zero_warn(note)
-        else:
-            self._perceptual.append(loss.requires_grad_(False).eval())
-        self.hparams.perceptual_active = loss is not None
+        self.hparams.perceptual_active = build_perceptual(self.modality, self.perceptual_options, self._perceptual)
 
     def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
         if not self._perceptual:
             return x.new_zeros(())
-        loss = self._perceptual[0]
-        if next(loss.parameters(), x).device != x.device:
-            loss.to(x.device)
-        return loss(xrec, x)
+        return apply_perceptual(self._perceptual, x, xrec)
 
     def nll(self, x: Tensor, xrec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(rec, perceptual, rec + perceptual_weight * perceptual)``: the reconstruction objective."""
@@ -239,16 +227,54 @@ class QuantizedAutoencoder(Tokenizer):
             self.val_recon.update(xrec.float().clamp(-1, 1), x.float())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_recon is not None:
-            for key, value in self.val_recon.compute().items():
-                self.log(f"val/{key}", value)
-            self.val_recon.reset()
+        log_reconstruction_metrics(self, self.val_recon)
         for key, value in self.val_usage.compute().items():
             self.log(f"val/{key}", value.float(), prog_bar=key == "usage")
         counts = self.val_usage.counts()  # synchronised across ranks (a collective: every rank calls it)
         self.last_val_code_counts = counts.detach().cpu()
         self.log("val/codes_counted", counts.sum().float())
         self.val_usage.reset()
+
+
+def build_encoder_decoder(encoder: dict[str, Any], decoder: dict[str, Any] | None) -> tuple[Encoder, Decoder, dict]:
+    """The conv encoder and its decoder (mirroring the encoder when ``decoder`` is None), and the decoder's
+    keyword arguments. The encoder is built first, so seeded initialisation is unchanged."""
+    enc = Encoder(**encoder)
+    dec_cfg = dict(encoder) if decoder is None else dict(decoder)
+    if decoder is None:  # mirror the encoder
+        dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
+    return enc, Decoder(**dec_cfg), dec_cfg
+
+
+def build_perceptual(modality: Any, options: dict[str, Any], store: list[nn.Module]) -> bool:
+    """Append the modality's frozen perceptual loss (LPIPS for images) to ``store``; warn and return
+    False when there is none. ``store`` is a plain list so the loss network stays out of state_dict."""
+    loss, note = modality.perceptual_loss(options)
+    if loss is None:
+        rank_zero_warn(note)
+        return False
+    store.append(loss.requires_grad_(False).eval())
+    return True
+
+
+def apply_perceptual(store: list[nn.Module], x: Tensor, xrec: Tensor) -> Tensor:
+    """The perceptual loss built by :func:`build_perceptual`, moved to ``x``'s device on first use."""
+    loss = store[0]
+    if next(loss.parameters(), x).device != x.device:
+        loss.to(x.device)
+    return loss(xrec, x)
+
+
+def log_reconstruction_metrics(module: Any, val_recon: Any | None) -> None:
+    """Log and reset a validation reconstruction metric collection (``val/<metric>``); a no-op when absent.
+
+    Shared by every autoencoder's ``on_validation_epoch_end`` (VQ, KL-VAE, VQ-VAE-2).
+    """
+    if val_recon is None:
+        return
+    for key, value in val_recon.compute().items():
+        module.log(f"val/{key}", value)
+    val_recon.reset()
 
 
 def warmup_cosine(step: int, warmup: int, total: int | None) -> float:

@@ -20,16 +20,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from metrics.latent import LatentStatistics
-from metrics.lpips_offline import load_lpips, prepare_lpips_inputs
 from metrics.reconstruction import ReconstructionMetrics
-from stage1.autoencoder import _as_list, warmup_cosine
-from stage1.conv_encoder_decoder import Decoder, Encoder, collect_aux
+from stage1.autoencoder import (
+    _as_list,
+    apply_perceptual,
+    build_encoder_decoder,
+    build_perceptual,
+    log_reconstruction_metrics,
+    warmup_cosine,
+)
+from stage1.conv_encoder_decoder import collect_aux
 from stage1.gaussian import DiagonalGaussian
 from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
+from stage1.modalities import get_modality
 from stage1.tokenizer import Tokenizer
 
 LATENT_DIMS = range(4, 33)
@@ -87,11 +93,7 @@ class KLVAE(Tokenizer):
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.encoder = Encoder(**encoder)
-        dec_cfg = dict(encoder) if decoder is None else dict(decoder)
-        if decoder is None:  # mirror the encoder
-            dec_cfg["out_channels"] = dec_cfg.pop("in_channels", 3)
-        self.decoder = Decoder(**dec_cfg)
+        self.encoder, self.decoder, dec_cfg = build_encoder_decoder(encoder, decoder)
         self.dims = int(encoder.get("dims", 2))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.dims]
         z_channels = int(encoder.get("z_channels", 64))
@@ -153,30 +155,17 @@ class KLVAE(Tokenizer):
 
     # -------------------------------------------------------------------------------------- losses
     def setup(self, stage: str) -> None:
-        """Build the frozen LPIPS net for training when ``perceptual_weight > 0`` (as VQGAN does)."""
+        """Build the modality's frozen perceptual loss (LPIPS for images) when ``perceptual_weight > 0``,
+        exactly as the VQ autoencoders do."""
         if stage != "fit" or self.hparams.perceptual_weight <= 0 or self._lpips:
             self.hparams.perceptual_active = bool(self._lpips)
             return
-        opts = dict(self.hparams.perceptual or {})
-        random_weights = bool(opts.pop("random_weights", False))
-        net, reason = load_lpips(net=opts.pop("net", "vgg"), required=bool(opts.pop("required", False)),
-                                 weights_dir=opts.pop("weights_dir", None), pretrained=not random_weights)
-        if opts:
-            raise ValueError(f"unknown model.params.perceptual keys {sorted(opts)}; valid: net, required, "
-                             "weights_dir, random_weights")
-        if net is None:
-            rank_zero_warn(f"{reason} Training continues WITHOUT the perceptual (LPIPS) term.")
-        else:
-            self._lpips.append(net)
-        self.hparams.perceptual_active = net is not None
+        self.hparams.perceptual_active = build_perceptual(get_modality(self.hparams.modality),
+                                                          dict(self.hparams.perceptual or {}), self._lpips)
 
     def perceptual_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
-        """Mean LPIPS distance (grey or small images are adapted to the trunk)."""
-        net = self._lpips[0]
-        if next(net.parameters()).device != x.device:
-            net.to(x.device)
-        kind = getattr(net, "pnet_type", "vgg")
-        return net(prepare_lpips_inputs(xrec.float(), kind), prepare_lpips_inputs(x.float(), kind)).mean()
+        """The modality's perceptual loss (mean LPIPS for images; grey or small images adapted to the trunk)."""
+        return apply_perceptual(self._lpips, x, xrec)
 
     def reconstruction_nll(self, x: Tensor, xrec: Tensor) -> Tensor:
         """Per-pixel reconstruction (+ perceptual) loss summed over a sample, averaged over the batch."""
@@ -276,10 +265,7 @@ class KLVAE(Tokenizer):
             self.val_recon.update(xrec.float().clamp(-1, 1), x.float())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_recon is not None:
-            for key, value in self.val_recon.compute().items():
-                self.log(f"val/{key}", value)
-            self.val_recon.reset()
+        log_reconstruction_metrics(self, self.val_recon)
         stats = self.val_latents.compute()
         self.val_latents.reset()
         self.last_latent_stats = {k: v.detach().cpu() for k, v in stats.items()}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
-from stage1.autoencoder import _as_list, warmup_cosine
+from stage1.autoencoder import _as_list, log_reconstruction_metrics, warmup_cosine
 from stage1.conv_encoder_decoder import Decoder, Encoder, Upsample, _conv
 from stage1.modalities import get_modality
 from stage1.quantizers.base import Quantizer, QuantizerOutput
@@ -233,10 +233,7 @@ class VQVAE2(Tokenizer):
             self.val_recon.update(xrec.float().clamp(-1, 1), x.float())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_recon is not None:
-            for key, value in self.val_recon.compute().items():
-                self.log(f"val/{key}", value)
-            self.val_recon.reset()
+        log_reconstruction_metrics(self, self.val_recon)
         counts = []
         for name, usage in zip(self.names, self.val_usage):
             for key, value in usage.compute().items():

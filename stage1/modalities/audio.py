@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from data.atomic import atomic_write
-from stage1.modalities.base import Evaluator, Modality
+from stage1.modalities.base import Evaluator, Modality, save_figure_png
 
 MAX_SHOWN = 16
 DEFAULT_SAMPLE_RATE = 16000
@@ -89,11 +89,7 @@ def _plot_spectrograms(clips: list[Tensor], path: str | Path, sample_rate: int, 
                       cmap="magma", vmin=np.log(1e-5), vmax=3.0)
             if titles:
                 ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_figure_png(fig, path)
 
 
 class AudioReconstruction(Evaluator):

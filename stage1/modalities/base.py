@@ -15,6 +15,7 @@ or ``tokenforge`` (``stage1`` imports modalities for the tokenizer's loss and va
 from __future__ import annotations
 
 import importlib
+import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from data.atomic import atomic_write
 
 # The modalities the design plans; those without a file yet say so when asked for.
 PLANNED = ("image", "sequence", "audio", "music", "motion", "actions")
@@ -171,3 +174,17 @@ def modality_of(code_spec: Mapping[str, Any]) -> Modality:
     """The modality a code spec names, bound to what the spec records (e.g. an audio sample rate)."""
     return get_modality(code_spec.get("modality")).for_spec(code_spec)
 
+
+
+def save_figure_png(fig: Any, path: str | Path, dpi: int = 80) -> Path:
+    """Lay out a matplotlib figure, render it to PNG in memory, close it and write it atomically.
+
+    Rendering to a buffer first keeps a half-drawn figure from ever reaching ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))

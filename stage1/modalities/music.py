@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -24,9 +23,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from data.atomic import atomic_write, atomic_write_text
+from data.atomic import atomic_write_text
 from data.music import NUM_CLASSES, ONSET, decode_tokens, tokens_to_grid, write_midi, write_musicxml
-from stage1.modalities.base import Evaluator, Modality
+from stage1.modalities.base import Evaluator, Modality, save_figure_png
 
 MAX_SHOWN = 8
 MAX_RENDERED = 8
@@ -68,11 +67,7 @@ def plot_piano_rolls(grids: list[np.ndarray], path: str | Path, steps_per_bar: i
         ax.set_xticks([])
         if titles:
             ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_figure_png(fig, path)
 
 
 def audio_renderer() -> tuple[str | None, str]:

@@ -7,7 +7,6 @@ call a phase-shifted sine a bad reconstruction and a wrong-frequency sine a good
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from data.atomic import atomic_write
-from stage1.modalities.base import Evaluator, FeatureSamples, Modality
+from stage1.modalities.base import Evaluator, FeatureSamples, Modality, save_figure_png
 
 MAX_PLOTTED = 16
 
@@ -62,11 +61,7 @@ def _plot_curves(panels: list[list[Tensor]], path: str | Path, titles: list[str]
         ax.set_xticks([])
         if titles:
             ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_figure_png(fig, path)
 
 
 class SequenceReconstruction(Evaluator):
