@@ -35,6 +35,16 @@ def _as_list(resolution: int | list[int], dims: int) -> list[int]:
     return res
 
 
+def latent_grid(resolution: int | list[int], dims: int, factor: int) -> tuple[list[int], list[int]]:
+    """``(resolution per axis, latent grid)`` for an encoder that downsamples by ``factor``; refuses a
+    resolution the factor does not divide."""
+    res = _as_list(resolution, dims)
+    if any(r % factor for r in res):
+        raise ValueError(f"resolution {res} is not divisible by the encoder's downsampling "
+                         f"factor {factor} (2**(len(ch_mult)-1))")
+    return res, [r // factor for r in res]
+
+
 class QuantizedAutoencoder(Tokenizer):
     """Encoder, 1x1 projections around a quantizer, decoder; subclasses add the training loss.
 
@@ -90,12 +100,7 @@ class QuantizedAutoencoder(Tokenizer):
         qspec = dict(quantizer)
         qspec["params"] = {"dim": embed_dim, **(quantizer.get("params") or {})}
         self.quantizer: Quantizer = instantiate(qspec, where="model.params.quantizer", base=Quantizer)
-        self.resolution = _as_list(resolution, self.dims)
-        factor = self.encoder.downsample_factor
-        if any(r % factor for r in self.resolution):
-            raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
-                             f"factor {factor} (2**(len(ch_mult)-1))")
-        self.grid = [r // factor for r in self.resolution]
+        self.resolution, self.grid = latent_grid(resolution, self.dims, self.encoder.downsample_factor)
         self.ema = ParameterEMA(self._ema_target(), ema_decay) if ema_decay else None
         depth = getattr(self.quantizer, "depth", None)
         self.val_usage = CodebookUsage(self.quantizer.codebook_size, depth=depth)

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from metrics.latent import LatentStatistics
 from metrics.reconstruction import ReconstructionMetrics
 from stage1.autoencoder import (
-    _as_list,
     apply_perceptual,
     build_encoder_decoder,
     build_perceptual,
+    latent_grid,
     log_reconstruction_metrics,
     warmup_cosine,
 )
@@ -100,12 +100,7 @@ class KLVAE(Tokenizer):
         self.latent_dim = int(latent_dim)
         self.quant_conv = conv(z_channels, 2 * self.latent_dim, 1)  # mean and log-variance
         self.post_quant_conv = conv(self.latent_dim, int(dec_cfg.get("z_channels", z_channels)), 1)
-        self.resolution = _as_list(resolution, self.dims)
-        factor = self.encoder.downsample_factor
-        if any(r % factor for r in self.resolution):
-            raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
-                             f"factor {factor} (2**(len(ch_mult)-1))")
-        self.grid = [r // factor for r in self.resolution]
+        self.resolution, self.grid = latent_grid(resolution, self.dims, self.encoder.downsample_factor)
         self.discriminator = (PatchDiscriminator(int(self.decoder.conv_out.out_channels), disc_channels,
                                                  disc_layers, dims=self.dims) if disc_start is not None else None)
         self._lpips: list[nn.Module] = []  # a list keeps the frozen net out of state_dict
