@@ -1,6 +1,11 @@
 """GIVT on Fashion-MNIST: the β trade-off, GMM vs single-Gaussian bits/dim, and GIVT vs a discrete AR prior.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/givt.py --out runs/bench_givt > givt.log
+    ... --stages beta --betas 1e-4      # one part only (stages: beta single compare dbcfg)
+
+A run folder is reused only when its checkpoint was trained exactly the asked number of steps (and a
+code folder only when its tokenizer is the checkpoint beside it); anything else stops the bench with
+a request for a clean ``--out``.
 
 Everything trains through ``tokenforge.train`` from the project configs, on a small CPU budget (the
 step counts below; raise them with the flags). What it measures:
@@ -9,7 +14,7 @@ step counts below; raise them with the flags). What it measures:
    its validation reconstruction (MSE on [0, 1], PSNR), KL per latent element, and the exact NLL of a
    GIVT (``configs/givt.yaml``, k = 16) trained ``--prior-steps`` steps on its latents, in bits per
    latent dimension (in the VAE's own latent units, so priors of the same latents compare).
-2. **GMM vs single Gaussian**: at the middle β, the same GIVT with ``num_components=1`` whose MLP is
+2. **GMM vs single Gaussian**: at ``--ref-beta``, the same GIVT with ``num_components=1`` whose MLP is
    widened until the parameter counts match (the k = 16 head has ~k times the output layer).
 3. **GIVT vs discrete AR**: a VQ-VAE (``configs/vqvae.yaml``, 512 codes) trained as many steps as the
    KL-VAE, and an AR prior (``configs/ar.yaml``) of the same width and depth trained as many steps as
@@ -17,6 +22,9 @@ step counts below; raise them with the flags). What it measures:
    classifier (NOT Inception: those numbers compare only with each other) and by that classifier's
    accuracy on the requested classes. GIVT is also sampled with DB-CFG, and its rejection sampler's
    acceptance rate is reported.
+4. **DB-CFG sweep**: the GIVT of step 3 sampled at each ``--cfg-sweep`` weight ``w``: the rejection
+   sampler's acceptance rate (accepted / proposals) and success rate (elements accepted within the
+   proposal budget), domain FID and class accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-from data.codes import CodesDataModule  # noqa: E402
+from data.codes import CodesDataModule, sha256_file  # noqa: E402
 from metrics.domain_classifier import DomainClassifier, train_domain_classifier  # noqa: E402
 from metrics.fid import domain_fid  # noqa: E402
 from metrics.latent import LatentStatistics  # noqa: E402
@@ -79,18 +87,38 @@ def domain_classifier(path: Path) -> DomainClassifier:
     return DomainClassifier.load(path)
 
 
-def run(config: str, out: Path, name: str, overrides: list[str]) -> tuple[Path, float]:
+class StaleRunError(SystemExit):
+    """A run folder holds a checkpoint of another budget (or codes of another tokenizer)."""
+
+
+def run(config: str, out: Path, name: str, overrides: list[str], steps: int) -> tuple[Path, float]:
+    """Train ``config`` into ``out/name`` for ``steps`` steps, or reuse a finished run of exactly that budget.
+
+    A checkpoint whose ``global_step`` differs (e.g. the one an interrupted start saves on SIGTERM, or
+    one from a run with other ``--*-steps``) is refused: the caller must pick a clean ``--out``. Reusing
+    it silently once put a 12-step KL-VAE into the β table; resuming it would mix budgets too.
+    """
     ckpt = out / name / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        done = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        if done != steps:
+            raise StaleRunError(f"{ckpt} was trained {done} steps, this bench asks for {steps}: "
+                                f"use a clean --out folder (or delete {out / name})")
+        return ckpt, float("nan")  # reused: its training time is not measured here
     start = time.perf_counter()
-    if not ckpt.is_file():
-        train_main([config, *overrides, "--runs", str(out), "--name", name])
+    train_main([config, *overrides, "--runs", str(out), "--name", name])
     return ckpt, time.perf_counter() - start
 
 
 def tokenize(ckpt: Path, folder: Path, limit_train: int, limit_val: int) -> None:
-    if not (folder / "manifest.json").is_file() or not json.loads((folder / "manifest.json").read_text())["complete"]:
-        tokenize_main([str(ckpt), "--out", str(folder), f"data.params.limit_train={limit_train}",
-                       f"data.params.limit_val={limit_val}", "--batch-size", "256"])
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["complete"]:
+        made_by = json.loads(manifest.read_text())["tokenizer"]["sha256"]
+        if made_by != sha256_file(ckpt):
+            raise StaleRunError(f"{folder} holds codes of another tokenizer than {ckpt}: use a clean --out folder")
+        return
+    tokenize_main([str(ckpt), "--out", str(folder), f"data.params.limit_train={limit_train}",
+                   f"data.params.limit_val={limit_val}", "--batch-size", "256"])
 
 
 @torch.no_grad()
@@ -156,74 +184,100 @@ def sample_quality(prior_ckpt: Path, classifier: DomainClassifier, real: torch.T
     return out
 
 
+STAGES = ("beta", "single", "compare", "dbcfg")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/bench_givt")
-    p.add_argument("--betas", type=float, nargs=3, default=[1e-4, 1e-3, 1e-2])
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="beta: the β table; single: GMM vs one Gaussian; compare: GIVT vs the VQ + AR prior "
+                        "(samples); dbcfg: DB-CFG acceptance and sample quality per --cfg-sweep weight")
+    p.add_argument("--betas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    p.add_argument("--ref-beta", type=float, default=1e-3, help="the β of the KL-VAE the other stages use")
     p.add_argument("--tok-steps", type=int, default=600)
     p.add_argument("--prior-steps", type=int, default=800)
     p.add_argument("--limit-train", type=int, default=20000, help="training items for tokenizers and priors")
     p.add_argument("--limit-val", type=int, default=2000)
     p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--cfg", type=float, default=1.0, help="DB-CFG weight for the guided GIVT row")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance weight of the guided rows of 'compare'")
+    p.add_argument("--cfg-sweep", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="DB-CFG weights w")
     p.add_argument("--classifier", default="runs/domain/fashion_mnist.pt")
     args = p.parse_args()
     out = Path(args.out)
-    results: dict[str, dict] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results: dict[str, dict] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def save(key: str, value: object) -> None:
+        results[key] = value
+        results["settings"] = vars(args)
+        results_file.write_text(json.dumps(results, indent=2))
+        log(f"{key}: {json.dumps(value)}")
+
     data_limits = [f"data.params.limit_train={args.limit_train}", f"data.params.limit_val={args.limit_val}"]
     common_tok = [f"trainer.max_steps={args.tok_steps}", f"trainer.val_check_interval={args.tok_steps}",
                   "trainer.limit_val_batches=5", "checkpoint_every_n_steps=100000", *data_limits]
     common_prior = [f"trainer.max_steps={args.prior_steps}", f"trainer.val_check_interval={args.prior_steps}",
                     "trainer.limit_val_batches=2", "checkpoint_every_n_steps=100000", "model.params.warmup_steps=50"]
-    val_x, val_y = real_split("test", args.limit_val)
+    val_x, _ = real_split("test", args.limit_val)
 
-    # 1. the β trade-off, and a GIVT per β
-    for beta in args.betas:
+    def klvae_and_givt(beta: float) -> tuple[Path, float, Path, Path, float]:
         tag = f"klvae_b{beta:g}"
-        ckpt, secs = run("configs/klvae.yaml", out, tag, [*common_tok, f"model.params.kl_weight={beta}"])
+        ckpt, secs = run("configs/klvae.yaml", out, tag, [*common_tok, f"model.params.kl_weight={beta}"],
+                         args.tok_steps)
         codes = out / "codes" / tag
         tokenize(ckpt, codes, args.limit_train, args.limit_val)
         prior, psecs = run("configs/givt.yaml", out, f"givt_b{beta:g}",
-                           [f"data.params.codes={codes}", *common_prior, *PRIOR_SHAPE])
-        results[tag] = {"beta": beta, "train_s": secs, **tokenizer_quality(ckpt, val_x),
-                        "givt": {**val_nll(prior, codes), "train_s": psecs, "params": params(prior)}}
-        log(f"{tag}: {json.dumps(results[tag])}")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+                           [f"data.params.codes={codes}", *common_prior, *PRIOR_SHAPE], args.prior_steps)
+        return ckpt, secs, codes, prior, psecs
 
-    # 2. GMM (k=16) vs one Gaussian (k=1) at matched parameters, middle β
-    mid = f"{args.betas[1]:g}"
-    codes_mid = out / "codes" / f"klvae_b{mid}"
-    target = givt_params(4.0, 16)
-    ratio = min((r / 64 for r in range(256, 512)), key=lambda r: abs(givt_params(r, 1) - target))
-    single, ssecs = run("configs/givt.yaml", out, f"givt1_b{mid}", [f"data.params.codes={codes_mid}", *common_prior,
-                        *PRIOR_SHAPE, "model.params.num_components=1", f"model.params.mlp_ratio={ratio}"])
-    results["single_gaussian"] = {**val_nll(single, codes_mid), "train_s": ssecs, "params": params(single),
-                                  "mlp_ratio": ratio}
-    log(f"single gaussian: {json.dumps(results['single_gaussian'])}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    # 1. the β trade-off, and a GIVT per β
+    if "beta" in args.stages:
+        for beta in args.betas:
+            ckpt, secs, codes, prior, psecs = klvae_and_givt(beta)
+            save(f"klvae_b{beta:g}", {"beta": beta, "train_s": secs, **tokenizer_quality(ckpt, val_x),
+                                      "givt": {**val_nll(prior, codes), "train_s": psecs, "params": params(prior)}})
+
+    # 2. GMM (k=16) vs one Gaussian (k=1) at matched parameters, reference β
+    if "single" in args.stages:
+        _, _, codes_ref, _, _ = klvae_and_givt(args.ref_beta)
+        target = givt_params(4.0, 16)
+        ratio = min((r / 64 for r in range(256, 512)), key=lambda r: abs(givt_params(r, 1) - target))
+        single, ssecs = run("configs/givt.yaml", out, f"givt1_b{args.ref_beta:g}",
+                            [f"data.params.codes={codes_ref}", *common_prior, *PRIOR_SHAPE,
+                             "model.params.num_components=1", f"model.params.mlp_ratio={ratio}"], args.prior_steps)
+        save("single_gaussian", {**val_nll(single, codes_ref), "train_s": ssecs, "params": params(single),
+                                 "mlp_ratio": ratio})
+
+    if "compare" not in args.stages and "dbcfg" not in args.stages:
+        return
+    classifier = domain_classifier(Path(args.classifier))
+    results["classifier_test_accuracy"] = float(getattr(classifier, "test_accuracy", float("nan")) or math.nan)
+    _, _, codes_ref, givt, _ = klvae_and_givt(args.ref_beta)
 
     # 3. a discrete AR prior over a VQ-VAE of the same budgets, and sample quality of both
-    vq, vsecs = run("configs/vqvae.yaml", out, "vqvae", common_tok)
-    vq_codes = out / "codes" / "vqvae"
-    tokenize(vq, vq_codes, args.limit_train, args.limit_val)
-    ar, asecs = run("configs/ar.yaml", out, "ar", [f"data.params.codes={vq_codes}", *common_prior, *PRIOR_SHAPE,
-                                                   "model.params.positions=learned"])
-    results["vqvae"] = {"train_s": vsecs, **tokenizer_quality(vq, val_x)}
-    results["ar"] = {**val_nll(ar, vq_codes), "train_s": asecs, "params": params(ar)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    classifier = domain_classifier(Path(args.classifier))
-    results["samples"] = {
-        "ar": sample_quality(ar, classifier, val_x, args.num_samples),
-        "givt": sample_quality(out / f"givt_b{mid}" / "checkpoints" / "last.ckpt", classifier, val_x,
-                               args.num_samples),
-        f"givt_dbcfg{args.cfg:g}": sample_quality(out / f"givt_b{mid}" / "checkpoints" / "last.ckpt", classifier,
-                                                  val_x, args.num_samples, cfg_scale=args.cfg),
-        "ar_cfg": sample_quality(ar, classifier, val_x, args.num_samples, cfg_scale=args.cfg),
-    }
-    results["classifier_test_accuracy"] = float(getattr(classifier, "test_accuracy", float("nan")) or math.nan)
-    results["settings"] = vars(args)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    log(json.dumps(results, indent=2))
+    if "compare" in args.stages:
+        vq, vsecs = run("configs/vqvae.yaml", out, "vqvae", common_tok, args.tok_steps)
+        vq_codes = out / "codes" / "vqvae"
+        tokenize(vq, vq_codes, args.limit_train, args.limit_val)
+        ar, asecs = run("configs/ar.yaml", out, "ar", [f"data.params.codes={vq_codes}", *common_prior, *PRIOR_SHAPE,
+                                                       "model.params.positions=learned"], args.prior_steps)
+        save("vqvae", {"train_s": vsecs, **tokenizer_quality(vq, val_x)})
+        save("ar", {**val_nll(ar, vq_codes), "train_s": asecs, "params": params(ar)})
+        save("givt", {**val_nll(givt, codes_ref), "params": params(givt)})
+        save("samples", {
+            "ar": sample_quality(ar, classifier, val_x, args.num_samples),
+            f"ar_cfg{args.cfg:g}": sample_quality(ar, classifier, val_x, args.num_samples, cfg_scale=args.cfg),
+            "givt": sample_quality(givt, classifier, val_x, args.num_samples),
+            f"givt_dbcfg{args.cfg:g}": sample_quality(givt, classifier, val_x, args.num_samples,
+                                                       cfg_scale=args.cfg),
+        })
+
+    # 4. DB-CFG on the trained GIVT: the rejection sampler's acceptance and sample quality per weight w
+    if "dbcfg" in args.stages:
+        save("dbcfg_sweep", {f"{w:g}": sample_quality(givt, classifier, val_x, args.num_samples, cfg_scale=w)
+                             for w in args.cfg_sweep})
 
 
 if __name__ == "__main__":
