@@ -4,9 +4,12 @@ The input is a sequence of embeddings ``(B, T, D)`` (the prior owns token/class 
 output head); this module owns positions, blocks and the final norm. The feed-forward of a block
 is the "FFN slot": the default :class:`layers.mlp.MLP`, or any component spec ``{target, params}``
 (e.g. a mixture of experts) built through :func:`layers.instantiate.instantiate` with ``dim``.
-An FFN may return ``(y, aux)``; ``aux["loss"]`` is an already-weighted auxiliary loss and other keys
+The self-attention is the "attention slot": the default :class:`layers.attention.Attention`, or a
+component spec built with ``dim``, ``causal`` and ``head_dim`` (e.g. mixture of attention heads)
+whose forward takes ``(x, rotary, cache, layer)``.
+Either may return ``(y, aux)``; ``aux["loss"]`` is an already-weighted auxiliary loss and other keys
 are statistics; :meth:`Transformer.forward` sums the losses into ``aux_loss`` and reports the
-statistics as ``layer{i}/{key}``.
+statistics as ``layer{i}/{key}`` (``layer{i}/attn/{key}`` for the attention slot's).
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ class Block(nn.Module):
 
     def __init__(
         self, dim: int, heads: int, causal: bool, norm: str, ffn: nn.Module, dropout: float,
-        cond_dim: int | None = None,
+        cond_dim: int | None = None, attn: nn.Module | None = None,
     ):
         super().__init__()
         self.adaptive = cond_dim is not None
         self.norm1 = AdaptiveNorm(norm, dim, cond_dim) if self.adaptive else make_norm(norm, dim)
-        self.attn = Attention(dim, heads, causal, dropout)
+        self.attn = attn if attn is not None else Attention(dim, heads, causal, dropout)
         self.norm2 = AdaptiveNorm(norm, dim, cond_dim) if self.adaptive else make_norm(norm, dim)
         self.ffn = ffn
 
@@ -51,11 +54,20 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, rotary: Rotary | None, cache: KVCache | None, layer: int, cond: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        x = x + self.attn(self._norm(self.norm1, x, cond), rotary, cache, layer)
-        out = self.ffn(self._norm(self.norm2, x, cond))
+        attended = self.attn(self._norm(self.norm1, x, cond), rotary, cache, layer)
         aux = None
+        if isinstance(attended, tuple):  # an attention-slot module with its own aux (MoA)
+            attended, attn_aux = attended
+            aux = {"loss": attn_aux["loss"]} | {f"attn/{k}": v for k, v in attn_aux.items() if k != "loss"}
+        x = x + attended
+        out = self.ffn(self._norm(self.norm2, x, cond))
         if isinstance(out, tuple):
-            out, aux = out
+            out, ffn_aux = out
+            if aux is None:
+                aux = ffn_aux
+            else:
+                aux |= {k: v for k, v in ffn_aux.items() if k != "loss"}
+                aux["loss"] = aux["loss"] + ffn_aux["loss"]
         return x + out, aux
 
 
@@ -75,6 +87,8 @@ class Transformer(nn.Module):
         dropout: attention, residual and embedding dropout.
         ffn: optional component spec replacing the MLP of every ``ffn_every``-th block (blocks
             ``ffn_every-1, 2*ffn_every-1, ...``; all blocks when 1).
+        attention, attention_every: likewise for the self-attention of every ``attention_every``-th
+            block; the spec is built with ``dim``, ``causal`` and ``head_dim = dim // heads``.
         cond_dim: when set, every block's norms are AdaLN (:class:`layers.norms.AdaptiveNorm`)
             modulated by a per-sample vector ``cond`` ``(B, cond_dim)`` given to :meth:`forward`
             (e.g. a diffusion timestep plus class embedding).
@@ -97,12 +111,14 @@ class Transformer(nn.Module):
         ffn: Mapping[str, Any] | None = None,
         ffn_every: int = 1,
         cond_dim: int | None = None,
+        attention: Mapping[str, Any] | None = None,
+        attention_every: int = 1,
     ):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-        if ffn_every < 1:
-            raise ValueError(f"ffn_every must be >= 1, got {ffn_every}")
+        if ffn_every < 1 or attention_every < 1:
+            raise ValueError(f"ffn_every and attention_every must be >= 1, got {ffn_every}, {attention_every}")
         self.dim, self.depth, self.heads, self.causal = dim, depth, heads, causal
         self.head_dim = dim // heads
         self.positions = positions
@@ -137,7 +153,11 @@ class Transformer(nn.Module):
                     )
             else:
                 ffn_mod = MLP(dim, mlp_ratio, mlp, dropout)
-            blocks.append(Block(dim, heads, causal, norm, ffn_mod, dropout, cond_dim))
+            attn_mod = None
+            if attention is not None and (i + 1) % attention_every == 0:
+                attn_mod = instantiate(attention, dim=dim, causal=causal, head_dim=self.head_dim,
+                                       where=f"transformer attention (block {i})")
+            blocks.append(Block(dim, heads, causal, norm, ffn_mod, dropout, cond_dim, attn_mod))
         self.blocks = nn.ModuleList(blocks)
         self.norm = make_norm(norm, dim)
 

@@ -1,9 +1,10 @@
 """A prior whose network is one :class:`layers.transformer.Transformer` over the flattened codes.
 
 The transformer's arguments (``dim, depth, heads, mlp_ratio, norm, mlp, positions, dropout, ffn,
-ffn_every``) are declared here once; a subclass that wants another default re-declares just that
-argument (MaskGIT: ``positions="learned"``) and passes it on. :meth:`build_transformer` lays the grid
-out for rope2d (grid, then depth for residual/grouped codes) and sizes learned positions.
+ffn_every, attention, attention_every``) are declared here once; a subclass that wants another
+default re-declares just that argument (MaskGIT: ``positions="learned"``) and passes it on.
+:meth:`build_transformer` lays the grid out for rope2d (grid, then depth for residual/grouped codes)
+and sizes learned positions.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TransformerPrior(Prior):
         dropout: float = 0.0,
         ffn: Mapping[str, Any] | None = None,
         ffn_every: int = 1,
+        attention: Mapping[str, Any] | None = None,
+        attention_every: int = 1,
         **prior: Any,
     ):
         super().__init__(**prior)
@@ -58,5 +61,6 @@ class TransformerPrior(Prior):
             hp["dim"], hp["depth"], hp["heads"], causal=causal, mlp_ratio=hp["mlp_ratio"], norm=hp["norm"],
             mlp=hp["mlp"], positions=hp["positions"], max_len=max_len,
             grid=cells if rope2d else None, num_prefix=num_prefix, dropout=hp["dropout"], ffn=hp["ffn"],
-            ffn_every=hp["ffn_every"], **extra,
+            ffn_every=hp["ffn_every"], attention=hp.get("attention"), attention_every=hp.get("attention_every", 1),
+            **extra,
         )

@@ -10,8 +10,13 @@ shared by all heads, so keys and values are computed once. A router picks k head
 
 with Switch's balance loss ``E sum_i f_i P_i`` and the router z-loss, as in the paper. The
 per-head projections run on the assignments sorted by head (one matmul per head on its slice);
-no tokens x heads one-hot is built. Causal or bidirectional; no KV cache or rotary positions
-(this layer is not yet wired into :class:`~layers.transformer.Transformer`'s attention slot).
+no tokens x heads one-hot is built. Causal or bidirectional.
+
+It fills the attention slot of :class:`~layers.transformer.Transformer` (``attention:`` spec): the
+forward takes the slot's ``(x, rotary, cache, layer)``. Rotary positions rotate the queries of the
+chosen heads and the one shared key head; with a KV cache the shared key/value head is what is
+cached (it is written into the layer's cache buffers, whose head dimension must equal ``head_dim``),
+so a decoding step computes one key/value row per token, not one per chosen head.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from layers.kv_cache import KVCache
+from layers.positions import Rotary
 
 from .router_losses import balance_loss, entropy, load_fraction, z_loss
 
@@ -60,7 +68,8 @@ class MixtureOfAttentionHeads(nn.Module):
     def causal_safe(self) -> bool:
         return self.causal
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, rotary: Rotary | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         b, t, d = x.shape
         k = self.top_k
         xf = x.reshape(b * t, d)
@@ -71,8 +80,20 @@ class MixtureOfAttentionHeads(nn.Module):
         q = _per_expert_matmul(xf.repeat_interleave(k, 0), self.w_q, head.reshape(-1))  # (B*T*k, d_h)
         q = q.view(b, t, k, self.head_dim).transpose(1, 2)  # the k chosen heads act as k query heads
         key, value = self.w_kv(x).unsqueeze(1).chunk(2, dim=-1)  # shared: (B, 1, T, d_h) each
+        offset = cache.length if cache is not None else 0
+        if rotary is not None:
+            q, key = rotary.rotate(q, offset), rotary.rotate(key, offset)
+        mask, causal = None, self.causal
+        if cache is not None:
+            # the cache's buffers have the transformer's head count; the one shared head is read back
+            # from head 0 (the write broadcasts it, which costs a copy, not a recomputation)
+            key, value = (c[:, :1] for c in cache.update(layer, key, value))
+            causal = False
+            if self.causal and t > 1:  # a prefill: queries at offset.., keys from 0
+                q_pos = torch.arange(offset, offset + t, device=x.device)
+                mask = torch.arange(offset + t, device=x.device)[None, :] <= q_pos[:, None]
         attn = F.scaled_dot_product_attention(q, key.expand(-1, k, -1, -1), value.expand(-1, k, -1, -1),
-                                              is_causal=self.causal)  # (B, k, T, d_h)
+                                              attn_mask=mask, is_causal=causal)  # (B, k, T, d_h)
         o = attn.transpose(1, 2).reshape(b * t * k, self.head_dim)
         y = _per_expert_matmul(o, self.w_o, head.reshape(-1)).view(b * t, k, d)
         y = (y * gate.to(y.dtype).unsqueeze(-1)).sum(1)
