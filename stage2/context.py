@@ -50,7 +50,7 @@ class ContextGrid(nn.Module):
         return emb
 
 
-def context_inputs(grid: ContextGrid | None, context: Tensor | None, rows: int) -> Tensor | None:
+def context_inputs(grid: nn.Module | None, context: Tensor | None, rows: int) -> Tensor | None:
     """A prior's per-position context embeddings ``(rows, N, dim)``, or None for a prior without a
     conditioning grid. ``context`` holds one grid per sample; it is repeated when ``rows`` is a multiple
     (the unconditional branch of classifier-free guidance sees the same context)."""
@@ -59,7 +59,7 @@ def context_inputs(grid: ContextGrid | None, context: Tensor | None, rows: int) 
     if context is None:
         raise ValueError("this prior is conditioned on another code grid (context_level): pass that level's "
                          "codes as context")
-    emb = grid(context.to(grid.tokens.weight.device))
+    emb = grid(context.to(next(grid.parameters()).device))  # any context module (code grid, observations)
     if rows % emb.shape[0]:
         raise ValueError(f"{emb.shape[0]} context grids for {rows} rows")
     return emb.repeat(rows // emb.shape[0], 1, 1)
