@@ -11,14 +11,23 @@ a cross-entropy over this vocabulary; batches carry them one-hot as ``x`` float 
 
 Sources (parsed with music21 once, then cached as arrays keyed by every parameter, see
 ``data.cache``): ``chorales`` (music21's Bach chorales with exactly ``voices`` parts in
-``time_signature``) or ``folder`` (any ``.mid``/``.musicxml``/``.mxl``/``.xml`` files). Train and val
+``time_signature``; ``voices: 1`` keeps the soprano, the chorale melody), ``folk`` (the Essen folk
+songs of music21's ``essenFolksong`` corpus whose ``M:`` header is ``time_signature``: monophonic,
+``voices: 1``) or ``folder`` (any ``.mid``/``.musicxml``/``.mxl``/``.xml`` files). Train and val
 split by piece; training windows are augmented by every transposition in -6..+5 semitones that
 keeps each voice inside the range that voice spans over the whole training split.
+
+Labels (``label``): ``none``, ``key`` (24 classes, the piece's key by music21's default key-profile
+method, see :func:`estimate_key`; transposed windows carry the transposed key), ``mode`` (major /
+minor) or ``corpus`` (which of several ``dataset`` names the piece came from, e.g. chorale
+melodies vs folk tunes). The DataModule's ``class_names`` name the classes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,11 @@ REST, HOLD = 0, 1
 LOW, HIGH = 28, 96  # the MIDI pitches a token can name (E1..C7)
 NUM_CLASSES = 2 + HIGH - LOW + 1
 STEPS_PER_QUARTER = 4
-DATASETS = ("chorales", "folder")
+DATASETS = ("chorales", "folk", "folder")
+LABELS = ("none", "key", "mode", "corpus")
+PITCH_CLASS_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+MODES = ("major", "minor")
+KEY_NAMES = tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASS_NAMES)  # class = 12 * mode + tonic
 MUSIC_SUFFIXES = (".mid", ".midi", ".musicxml", ".mxl", ".xml")
 
 
@@ -200,7 +213,66 @@ def decode_tokens(x: torch.Tensor, voices: int) -> torch.Tensor:
     return x.reshape(b, voices, -1, t).argmax(2)
 
 
+# ---------------------------------------------------------------------------------------------- keys
+def key_profiles() -> np.ndarray:
+    """``(2, 12)`` major and minor key profiles of music21's default key analysis (``analyze('key')``)."""
+    analysis = _music21().analysis.discrete
+    method = analysis.analysisClassFromMethodName("key")()
+    return np.array([method.getWeights(mode) for mode in MODES], dtype=np.float64)
+
+
+def estimate_key(grid: np.ndarray, profiles: np.ndarray | None = None) -> tuple[int, int]:
+    """``(tonic pitch class, mode)`` (mode 0 major, 1 minor) of a grid, as music21 finds a key: the
+    Pearson correlation of the duration-weighted pitch-class histogram (sounding 16th steps here)
+    with each of the 24 rotated key profiles, the best one wins. A grid without notes is C major."""
+    profiles = key_profiles() if profiles is None else profiles
+    pitch = grid % ONSET
+    histogram = np.bincount(pitch[pitch > 0] % 12, minlength=12).astype(np.float64)
+    if not histogram.any():
+        return 0, 0
+    best, choice = -np.inf, (0, 0)
+    h = histogram - histogram.mean()
+    for mode, profile in enumerate(profiles):
+        for tonic in range(12):
+            w = np.roll(profile, tonic) - profile.mean()  # the profile's tonic on pitch class `tonic`
+            r = float(h @ w / np.sqrt((h @ h) * (w @ w)))
+            if r > best:
+                best, choice = r, (tonic, mode)
+    return choice
+
+
 # -------------------------------------------------------------------------------------------- corpus
+def folk_sources(time_signature: str = "4/4") -> list[str]:
+    """The Essen tunes in ``time_signature`` as ``"<abc file>#<index in file>"`` (read from the
+    ``M:`` headers of music21's ``essenFolksong`` corpus, without parsing a tune)."""
+    files = sorted(str(p) for p in _music21().corpus.getCorePaths(fileExtensions=("abc",))
+                   if "essenFolksong" in Path(p).parts)
+    sources = []
+    for path in files:
+        for i, tune in enumerate(_abc_tunes(path)):
+            metre = next((line[2:].strip() for line in tune.splitlines() if line.startswith("M:")), None)
+            if metre == time_signature:
+                sources.append(f"{path}#{i}")
+    return sources
+
+
+def _abc_tunes(path: str) -> list[str]:
+    """The tunes of an ``.abc`` file (each starts at an ``X:`` line)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [chunk for chunk in re.split(r"(?m)^(?=X:)", text) if chunk.startswith("X:")]
+
+
+def _parse_folk(source: str, time_signature: str, tunes: dict[str, list[str]]) -> np.ndarray | None:
+    path, index = source.rsplit("#", 1)
+    if path not in tunes:
+        tunes[path] = _abc_tunes(path)
+    score = _music21().converter.parse(tunes[path][int(index)], format="abc")
+    signatures = {ts.ratioString for ts in score.recurse().getElementsByClass("TimeSignature")}
+    if signatures != {time_signature} or len(score.parts) > 1:
+        return None
+    return score_to_grid(score)
+
+
 def chorale_sources() -> list[str]:
     """music21's chorale files (all of them; the filter on parts and metre happens when parsing)."""
     return [str(p) for p in _music21().corpus.chorales.Iterator(returnType="filename")]
@@ -218,10 +290,19 @@ def _parse_chorale(name: str, voices: int, time_signature: str) -> np.ndarray | 
 def load_pieces(dataset: str, root: str | None = None, voices: int = 4, time_signature: str = "4/4",
                 limit_pieces: int | None = None, cache_dir: str | None = None) -> list[np.ndarray]:
     """The event grids of a corpus, parsed once and cached as two arrays (events stacked, lengths)."""
+    if dataset == "chorales" and voices == 1:  # the melodies: the soprano of the four-part chorales' cache
+        return [g[:, :1] for g in load_pieces(dataset, root, 4, time_signature, limit_pieces, cache_dir)]
     if dataset == "chorales":
         sources = chorale_sources()[:limit_pieces]
         stamp: Any = {"music21": _music21().__version__}
         parse = lambda s: _parse_chorale(s, voices, time_signature)  # noqa: E731
+    elif dataset == "folk":
+        if voices != 1:
+            raise ValueError(f"the Essen folk songs are monophonic: use voices: 1, not {voices}")
+        sources = folk_sources(time_signature)[:limit_pieces]
+        stamp = {"music21": _music21().__version__}
+        tunes: dict[str, list[str]] = {}
+        parse = lambda s: _parse_folk(s, time_signature, tunes)  # noqa: E731
     elif dataset == "folder":
         if root is None or not Path(root).is_dir():
             raise FileNotFoundError(f"music folder {root!r} does not exist (dataset 'folder' needs data.params.root)")
@@ -238,8 +319,11 @@ def load_pieces(dataset: str, root: str | None = None, voices: int = 4, time_sig
 
     def build() -> list[np.ndarray]:
         if "grids" not in parsed:
-            grids = [parse(s) for s in sources]
-            parsed["grids"] = [g for g in grids if g is not None and g.shape[1] == voices and len(g)]
+            from tqdm import tqdm
+
+            grids = [parse(s) for s in tqdm(sources, desc=f"parsing {dataset}", unit="piece", disable=None)]
+            parsed["grids"] = [g for g in grids if g is not None and g.shape[1] == voices and len(g)
+                               and _in_token_range(g)]
         return parsed["grids"]
 
     key = cache_key(params)
@@ -251,6 +335,11 @@ def load_pieces(dataset: str, root: str | None = None, voices: int = 4, time_sig
     return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def _in_token_range(grid: np.ndarray) -> bool:
+    pitch = grid % ONSET
+    return not (pitch > 0).any() or (pitch[pitch > 0].min() >= LOW and pitch.max() <= HIGH)
+
+
 def windows(grid: np.ndarray, bars: int, steps_per_bar: int, hop_bars: int) -> list[np.ndarray]:
     """Windows of ``bars`` whole bars every ``hop_bars`` bars (a piece shorter than one window is dropped)."""
     size, hop = bars * steps_per_bar, hop_bars * steps_per_bar
@@ -260,51 +349,82 @@ def windows(grid: np.ndarray, bars: int, steps_per_bar: int, hop_bars: int) -> l
 class MusicDataModule(SplitDataModule):
     """Windows of ``bars`` bars (``steps_per_bar`` 16th-note steps each) of ``voices``-voice pieces.
 
-    Batches: ``{"x": float (B, voices * NUM_CLASSES, bars * steps_per_bar)}`` one-hot tokens. Pieces
-    are split train/val by a seeded permutation (``val_fraction``); only training windows are
-    transposed (``transpose: true``), to every key that keeps each voice in its training range.
+    Batches: ``{"x": float (B, voices * NUM_CLASSES, bars * steps_per_bar)}`` one-hot tokens, and
+    ``"label"`` (int64) unless ``label: none``. ``dataset`` is one name or a list of names (their
+    pieces pooled; ``label: corpus`` tells them apart). Pieces are split train/val by a seeded
+    permutation (``val_fraction``); only training windows are transposed (``transpose: true``), to
+    every key that keeps each voice in its training range (a ``key`` label moves with them).
     """
 
-    def __init__(self, dataset: str = "chorales", root: str | None = None, voices: int = 4, bars: int = 8,
-                 steps_per_bar: int = 16, hop_bars: int = 4, time_signature: str = "4/4", transpose: bool = True,
-                 val_fraction: float = 0.1, limit_pieces: int | None = None, batch_size: int = 64,
-                 num_workers: int = 0, seed: int = 0, limit_train: int | None = None, limit_val: int | None = None,
-                 cache_dir: str | None = None) -> None:
+    def __init__(self, dataset: str | Sequence[str] = "chorales", root: str | None = None, voices: int = 4,
+                 bars: int = 8, steps_per_bar: int = 16, hop_bars: int = 4, time_signature: str = "4/4",
+                 transpose: bool = True, label: str = "none", val_fraction: float = 0.1,
+                 limit_pieces: int | None = None, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 limit_train: int | None = None, limit_val: int | None = None, cache_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        self.datasets = [dataset] if isinstance(dataset, str) else [str(d) for d in dataset]
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown or not self.datasets:
+            raise ValueError(f"unknown dataset {unknown or dataset!r}; choose from {', '.join(DATASETS)}")
+        if label not in LABELS:
+            raise ValueError(f"unknown label {label!r}; choose one of {', '.join(LABELS)}")
+        if label == "corpus" and len(self.datasets) < 2:
+            raise ValueError("label: corpus needs several datasets, e.g. dataset: [chorales, folk]")
         self.dataset, self.root, self.voices, self.bars = dataset, root, voices, bars
         self.steps_per_bar, self.hop_bars, self.time_signature = steps_per_bar, hop_bars, time_signature
         self.transpose, self.val_fraction, self.limit_pieces = transpose, val_fraction, limit_pieces
         self.batch_size, self.num_workers, self.seed, self.cache_dir = batch_size, num_workers, seed, cache_dir
+        self.label = label
         self.limits = {"train": limit_train, "val": limit_val}
-        self.channels, self.length, self.num_classes = voices * NUM_CLASSES, bars * steps_per_bar, None
+        self.class_names: list[str] | None = {"none": None, "key": list(KEY_NAMES), "mode": list(MODES),
+                                              "corpus": self.datasets}[label]
+        self.channels, self.length = voices * NUM_CLASSES, bars * steps_per_bar
+        self.num_classes = None if self.class_names is None else len(self.class_names)
         self.pieces: dict[str, list[np.ndarray]] = {}
+        self.piece_labels: dict[str, list[int]] = {}
+
+    def _label(self, piece: np.ndarray, corpus: int, profiles: np.ndarray | None) -> int:
+        if self.label == "corpus":
+            return corpus
+        if self.label in ("key", "mode"):
+            tonic, mode = estimate_key(piece, profiles)
+            return mode if self.label == "mode" else 12 * mode + tonic
+        return -1
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
-        pieces = load_pieces(self.dataset, self.root, self.voices, self.time_signature, self.limit_pieces,
-                             self.cache_dir)
+        pieces, corpora = [], []
+        for corpus, name in enumerate(self.datasets):
+            found = load_pieces(name, self.root, self.voices, self.time_signature, self.limit_pieces, self.cache_dir)
+            pieces += found
+            corpora += [corpus] * len(found)
         if len(pieces) < 2:
             raise ValueError(f"{self.dataset} gave {len(pieces)} usable pieces; need at least 2 to split by piece")
+        profiles = key_profiles() if self.label in ("key", "mode") else None
+        labels = [self._label(p, c, profiles) for p, c in zip(pieces, corpora)]
         perm = np.random.default_rng(self.seed).permutation(len(pieces))
         n_val = min(max(round(len(pieces) * self.val_fraction), 1), len(pieces) - 1)
-        self.pieces = {"train": [pieces[i] for i in sorted(perm[n_val:])],
-                       "val": [pieces[i] for i in sorted(perm[:n_val])]}
+        chosen = {"train": sorted(perm[n_val:]), "val": sorted(perm[:n_val])}
+        self.pieces = {split: [pieces[i] for i in idx] for split, idx in chosen.items()}
+        self.piece_labels = {split: [labels[i] for i in idx] for split, idx in chosen.items()}
         self.ranges = voice_ranges(self.pieces["train"])
         for salt, split in enumerate(("train", "val"), start=1):
-            items = []
-            for piece in self.pieces[split]:
+            items, item_labels = [], []
+            for piece, label in zip(self.pieces[split], self.piece_labels[split]):
                 for window in windows(piece, self.bars, self.steps_per_bar, self.hop_bars):
                     shifts = allowed_transpositions(window, *self.ranges) if split == "train" and self.transpose \
                         else [0]
-                    items += [grid_to_tokens(transposed(window, s)) for s in shifts or [0]]
+                    for s in shifts or [0]:
+                        items.append(grid_to_tokens(transposed(window, s)))
+                        # a key moves with the notes; its mode, and the corpus, do not
+                        item_labels.append(12 * (label // 12) + (label + s) % 12 if self.label == "key" else label)
             tokens = torch.from_numpy(np.stack(items)) if items else torch.zeros(0, self.voices, self.length,
                                                                                   dtype=torch.uint8)
+            targets = None if self.class_names is None else torch.tensor(item_labels, dtype=torch.int64)
             keep = seeded_subset(torch.arange(len(tokens)), self.limits[split], self.seed * 1_000_003 + salt)
-            self._splits[split] = SplitDataset(tokens, None, keep)
+            self._splits[split] = SplitDataset(tokens, targets, keep)
 
     def collate(self, augment: bool):
         def to_one_hot(batch):

@@ -119,6 +119,88 @@ def test_datamodule_splits_by_piece_and_transposes_within_voice_ranges(chorales,
     assert batch["x"].shape == (8, 4 * NUM_CLASSES, 32) and batch["x"].dtype == torch.float32
 
 
+# ------------------------------------------------------------------------------------ folk and labels
+FOLK = 8  # the first Essen tunes in 4/4
+
+
+@pytest.fixture(scope="module")
+def folk(music_cache):
+    return load_pieces("folk", voices=1, limit_pieces=FOLK, cache_dir=music_cache)
+
+
+def test_folk_tunes_parse_to_bar_aligned_melodies_and_are_cached(folk, music_cache, monkeypatch):
+    sources = music.folk_sources("4/4")
+    assert len(sources) == 2022 and all("essenFolksong" in s for s in sources)  # of the corpus' 8,514 tunes
+    assert len(folk) == FOLK
+    for grid in folk:
+        assert grid.shape[1] == 1 and len(grid) % 16 == 0 and (grid >= ONSET).sum() > 8
+        pitch = grid[:, 0] % ONSET
+        assert 50 <= pitch[pitch > 0].min() and pitch.max() <= 90
+    assert (folk[0][:, 0] == 0).any(), "the pickup bar starts with rests"
+    monkeypatch.setattr(music, "_parse_folk", lambda *a: pytest.fail("parsed again despite the cache"))
+    again = load_pieces("folk", voices=1, limit_pieces=FOLK, cache_dir=music_cache)
+    assert all(np.array_equal(a, b) for a, b in zip(again, folk, strict=True))
+    with pytest.raises(ValueError, match="monophonic"):
+        load_pieces("folk", voices=4, limit_pieces=FOLK, cache_dir=music_cache)
+
+
+def test_key_estimate_is_music21s_key_analysis_and_moves_with_transposition(folk):
+    import music21
+
+    profiles = music.key_profiles()
+    for source, grid in zip(music.folk_sources("4/4")[:4], folk):
+        path, index = source.rsplit("#", 1)
+        key = music21.converter.parse(music._abc_tunes(path)[int(index)], format="abc").analyze("key")
+        assert music.estimate_key(grid, profiles) == (key.tonic.pitchClass, music.MODES.index(key.mode))
+    tonic, mode = music.estimate_key(folk[0], profiles)
+    for s in (-5, 1, 3):
+        assert music.estimate_key(music.transposed(folk[0], s), profiles) == ((tonic + s) % 12, mode)
+    assert music.estimate_key(np.zeros((16, 1), np.int16)) == (0, 0)
+
+
+def test_key_labels_follow_each_transposed_window(music_cache, folk):
+    dm = MusicDataModule("folk", voices=1, bars=2, hop_bars=2, label="key", limit_pieces=FOLK,
+                         batch_size=4, cache_dir=music_cache)
+    dm.setup()
+    assert dm.num_classes == 24 and dm.class_names[0] == "C major" and dm.class_names[21] == "A minor"
+    profiles = music.key_profiles()
+    expected: dict[bytes, set[int]] = {}  # window tokens -> the key of its piece transposed the same way
+    for piece in dm.pieces["train"]:
+        for s in range(-6, 6):
+            tonic, mode = music.estimate_key(music.transposed(piece, s), profiles)
+            for w in music.windows(music.transposed(piece, s), 2, 16, 2):
+                expected.setdefault(grid_to_tokens(w).tobytes(), set()).add(12 * mode + tonic)
+    train = dm.split_dataset("train")
+    assert len(train) > 2 * len(dm.pieces["train"])
+    assert len(set(train.labels.tolist())) > 6, "transposition spreads the keys"
+    for tokens, label in zip(train.items.numpy(), train.labels.tolist()):
+        assert label in expected[tokens.tobytes()]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["label"].dtype == torch.int64 and batch["x"].shape == (4, NUM_CLASSES, 32)
+
+
+def test_mode_and_corpus_labels(music_cache, folk, chorales):
+    mode = MusicDataModule("folk", voices=1, bars=2, label="mode", limit_pieces=FOLK, cache_dir=music_cache)
+    mode.setup()
+    assert mode.class_names == ["major", "minor"] and set(mode.split_dataset("train").labels.tolist()) <= {0, 1}
+    both = MusicDataModule(["chorales", "folk"], voices=1, bars=2, label="corpus", val_fraction=0.3,
+                           limit_pieces=PIECES, cache_dir=music_cache)
+    both.setup()
+    assert both.class_names == ["chorales", "folk"] and both.num_classes == 2
+    melodies = {p.tobytes() for p in (g[:, :1] for g in chorales)}  # chorales at one voice: their sopranos
+    for split in ("train", "val"):
+        for piece, label in zip(both.pieces[split], both.piece_labels[split]):
+            assert label == (0 if piece.tobytes() in melodies else 1)
+    assert set(both.split_dataset("train").labels.tolist()) == {0, 1}
+    unlabelled = MusicDataModule("folk", voices=1, bars=2, limit_pieces=FOLK, cache_dir=music_cache)
+    unlabelled.setup()
+    assert unlabelled.num_classes is None and "label" not in next(iter(unlabelled.train_dataloader()))
+    with pytest.raises(ValueError, match="several datasets"):
+        MusicDataModule("folk", voices=1, label="corpus")
+    with pytest.raises(ValueError, match="unknown label"):
+        MusicDataModule("folk", voices=1, label="tempo")
+
+
 # ---------------------------------------------------------------------------------------- modality
 def _two_voice(upper: list[int], lower: list[int], step: int = 4) -> np.ndarray:
     """Two voices of equal-length notes (``step`` 16ths each); every note has its onset."""
