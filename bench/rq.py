@@ -3,6 +3,10 @@
     python bench/rq.py speed  [--out /tmp/rq_bench] [--tok-steps 400] [--prior-steps 600]
     python bench/rq.py timing [--out /tmp/rq_bench]
     python bench/rq.py depth  [--out /tmp/rq_bench] [--tok-steps 400]
+    python bench/rq.py fmnist-depth   [--out /tmp/rq_fmnist] [--tok-steps 300] [--classifier PT]
+    python bench/rq.py fmnist-nll     [--out /tmp/rq_fmnist] [--prior-steps 300] [--seeds 0 1]
+    python bench/rq.py fmnist-quality [--out /tmp/rq_fmnist] [--prior-steps 300] [--num-samples 500]
+    python bench/rq.py rq-vs-vq       [--out /tmp/rq_fmnist] [--cmp-steps 250]
 
 ``speed``: an RQ-VAE (configs/rqvae.yaml: emoji 32 px -> 8x8 positions x 4 levels, one shared
 codebook) is trained for ``--tok-steps`` and tokenizes emoji; on those codes an RQ-Transformer
@@ -18,6 +22,26 @@ caches for one batch, with the number of transformer steps of each and their mea
 equal training steps: PSNR/SSIM/MSE of the validation split (rFID needs a feature extractor; see the
 results file), and RQ-VAE 4x4x4 (f8) against a VQ autoencoder 8x8 (f4) with the same encoder family
 and the same 64 codes per image.
+
+Fashion-MNIST (small enough for a shared CPU; the ``fmnist-*`` commands share one tokenizer under ``--out``):
+one RQ-VAE (configs/rqvae_fmnist.yaml: 7x7 positions, one shared 256-entry codebook) with D = 8 levels and
+SoundStream quantizer dropout, so the same model decodes at every depth d <= 8.
+
+``fmnist-depth``: PSNR/SSIM/MSE and domain rFID (features of the project's Fashion-MNIST classifier, not
+Inception) of the validation images decoded with the first d = 1, 2, 4, 8 levels, through
+``tokenforge.evaluate.evaluate_tokenizer`` (the d = 8 pass also gives evaluate's per-depth PSNR, d = 1..8).
+
+``fmnist-nll``: the first 4 levels of that RQ-VAE's codes (7x7x4, the model's d = 4 operating point) feed a
+class-conditional RQ-Transformer and the flat AR prior over the same codes flattened to 196 tokens, with
+the same width, block count (RQ: spatial + depth blocks = AR blocks), batch, learning rate and steps, for
+each ``--seeds``; reported: validation NLL per code (nats) of both and their ratio.
+
+``fmnist-quality``: those priors (seed = first of ``--seeds``) and a MaskGIT prior of the same size and
+budget sample ``--num-samples`` class-balanced images each, scored as in bench/vq_diffusion_quality.py:
+domain FID and domain-classifier accuracy against Fashion-MNIST test images.
+
+``rq-vs-vq``: Fashion-MNIST resized to 32 px; RQ-VAE 4x4x4 (f8) against a VQ autoencoder 8x8 (f4), same
+encoder family, same 256-entry codebook, so both spend 64 codes = 512 bits per image; PSNR/SSIM/MSE.
 
 Budgets are small (shared 2-core CPU, 1 thread): the GAN and LPIPS terms are off (``disc_start`` past
 the end, ``perceptual_weight=0``) so that every step is an autoencoder step; this changes the absolute
@@ -255,9 +279,210 @@ def depth(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- Fashion-MNIST: depth trade-off, NLL vs flat AR, sample quality, RQ 4x4x4 vs VQ 8x8 --------------------
+FMNIST_TOKENIZER = CONFIGS / "rqvae_fmnist.yaml"
+FMNIST_DEPTH = 8  # levels of the one quantizer-dropout RQ-VAE; the priors model its first PRIOR_LEVELS
+PRIOR_LEVELS = 4
+DEPTHS = (1, 2, 4, 8)
+
+
+class FirstLevels:
+    """A residual tokenizer seen through its first ``levels`` levels (the bitrate-``levels`` operating
+    point of a quantizer-dropout model): ``encode`` keeps those levels, ``decode`` pads the missing ones
+    with ``-1``, which the residual quantizer skips (as :func:`stage1.depth_eval.decode_first_levels`)."""
+
+    def __init__(self, tokenizer: Any, levels: int) -> None:
+        self.tokenizer, self.levels = tokenizer, int(levels)
+        self.full_depth = int(tokenizer.code_spec["depth"])
+        if not 1 <= self.levels <= self.full_depth:
+            raise ValueError(f"levels must lie in [1, {self.full_depth}], got {levels}")
+        self.code_spec = {**tokenizer.code_spec, "depth": self.levels}
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(x)[..., : self.levels]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        pad = codes.new_full((*codes.shape[:-1], self.full_depth - codes.shape[-1]), -1)
+        return self.tokenizer.decode(torch.cat([codes.long(), pad.long()], dim=-1))
+
+
+def fmnist_rqvae(args: argparse.Namespace) -> Path:
+    steps = args.tok_steps
+    return train(FMNIST_TOKENIZER, args.out / "runs", f"rqvae_fmnist_d{FMNIST_DEPTH}_dropout", [
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=2",
+        f"model.params.quantizer.params.depth={FMNIST_DEPTH}",
+        f"model.params.quantizer.params.dropout_prob={args.quantizer_dropout}", *FAST_TOKENIZER])
+
+
+def load_tokenizer_eval(ckpt: Path) -> Any:
+    from stage1.tokenizer import load_tokenizer
+
+    return load_tokenizer(ckpt, map_location="cpu").eval()
+
+
+def classifier_path(args: argparse.Namespace) -> Path:
+    """The Fashion-MNIST domain classifier: ``--classifier`` or one trained as bench/vq_diffusion_quality.py does."""
+    from bench.vq_diffusion_quality import domain_classifier
+
+    return domain_classifier(argparse.Namespace(classifier=args.classifier), args.out)
+
+
+def evaluate_levels(tokenizer: Any, loader_of: Any, options: dict[str, Any], limit: int) -> dict[str, Any]:
+    """``tokenforge.evaluate.evaluate_tokenizer`` on ``limit`` validation images (the project's metrics)."""
+    from stage1.modalities import modality_of
+    from tokenforge.evaluate import evaluate_tokenizer
+
+    evaluator = modality_of(tokenizer.code_spec).reconstruction_evaluator(options)
+    results, _, _ = evaluate_tokenizer(tokenizer, loader_of(), "cpu", evaluator, limit)
+    keep = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None}
+    return keep | {"notes": evaluator.notes}
+
+
+def fmnist_depth(args: argparse.Namespace) -> dict[str, Any]:
+    from tokenforge.runs import open_run
+
+    ckpt = fmnist_rqvae(args)
+    tok = load_tokenizer_eval(ckpt)
+    dm = open_run(ckpt, expect="tokenizer").datamodule(batch_size=250)
+    dm.setup("validate")
+    options = {"fid": "domain", "classifier": str(classifier_path(args)), "lpips": "auto", "device": "cpu",
+               "dataset": "fashion_mnist"}
+    result: dict[str, Any] = {"tokenizer": str(ckpt), "tokenizer_steps": args.tok_steps, "depth": FMNIST_DEPTH,
+                              "quantizer_dropout": args.quantizer_dropout, "val_images": args.val_images,
+                              "tokenizer_params": params(tok)}
+    for d in DEPTHS:
+        view = tok if d == FMNIST_DEPTH else FirstLevels(tok, d)  # the full model also gives psnr_levels1..8
+        result[f"d{d}"] = evaluate_levels(view, dm.val_dataloader, options, args.val_images)
+        r = result[f"d{d}"]
+        log(f"d={d}: PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} rFID(domain) {r.get('rfid', float('nan')):.2f}")
+    return result
+
+
+@torch.no_grad()
+def prefix_code_folder(ckpt: Path, out: Path, levels: int, limit_train: int, limit_val: int) -> Path:
+    """Codes of the first ``levels`` levels of a residual tokenizer, with labels, as a code folder.
+
+    The manifest names the tokenizer, whose ``decode`` wants all its levels: decode these codes through
+    :class:`FirstLevels` (as this bench does), not through ``scripts/sample.py``.
+    """
+    from data.codes import CodeWriter, sha256_file
+    from tokenforge.runs import open_run
+
+    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text())["complete"]:
+        return out
+    view = FirstLevels(load_tokenizer_eval(ckpt), levels)
+    dm = open_run(ckpt, expect="tokenizer").datamodule(
+        [f"data.params.limit_train={limit_train}", f"data.params.limit_val={limit_val}"], batch_size=500)
+    dm.setup("fit")
+    writer = CodeWriter(out, view.code_spec, ckpt, sha256_file(ckpt), shard_size=max(limit_train, limit_val))
+    for split, loader in (("train", dm.split_dataloader("train")), ("val", dm.val_dataloader())):
+        codes, labels = [], []
+        for batch in loader:
+            codes.append(view.encode(batch["x"]).to(torch.int64))
+            labels.append(batch["label"])
+        writer.write_shard(split, 0, torch.cat(codes), torch.cat(labels))
+    writer.finalize()
+    log(f"wrote {out}")
+    return out
+
+
+def fmnist_codes(args: argparse.Namespace) -> Path:
+    return prefix_code_folder(fmnist_rqvae(args), args.out / f"codes_fmnist_first{PRIOR_LEVELS}",
+                              PRIOR_LEVELS, args.train_codes, args.val_images)
+
+
+def fmnist_prior(args: argparse.Namespace, kind: str, codes: Path, seed: int) -> Any:
+    """Train (or reuse) a small class-conditional prior of one kind on ``codes``; all kinds share width,
+    heads, block count, batch, learning rate, schedule and steps."""
+    from stage2.prior import load_prior
+
+    steps, blocks = args.prior_steps, args.spatial_layers + args.depth_layers
+    common = [f"seed={seed}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+              "trainer.limit_val_batches=2", f"data.params.codes={codes}", f"data.params.batch_size={args.batch}",
+              "model.params.dropout=0.0", f"model.params.dim={args.dim}", f"model.params.heads={args.heads}",
+              "model.params.warmup_steps=50", "model.params.lr=1.0e-3", "checkpoint_every_n_steps=100000"]
+    config, extra = {
+        "rq": ("rq_transformer.yaml", [f"model.params.spatial_layers={args.spatial_layers}",
+                                       f"model.params.depth_layers={args.depth_layers}"]),
+        "ar": ("ar.yaml", [f"model.params.depth={blocks}"]),
+        "maskgit": ("maskgit.yaml", [f"model.params.depth={blocks}"]),
+    }[kind]
+    ckpt = train(CONFIGS / config, args.out / "runs", f"{kind}_s{seed}", [*common, *extra])
+    return load_prior(ckpt).eval()
+
+
+def fmnist_nll(args: argparse.Namespace) -> dict[str, Any]:
+    codes = fmnist_codes(args)
+    result: dict[str, Any] = {"codes": str(codes), "prior_steps": args.prior_steps, "batch": args.batch,
+                              "threads": torch.get_num_threads(), "seeds": {}}
+    for seed in args.seeds:
+        row: dict[str, Any] = {}
+        for kind in ("rq", "ar"):
+            prior = fmnist_prior(args, kind, codes, seed)
+            row[f"{kind}_params"], row[f"{kind}_val_nll"] = params(prior), val_nll(prior, codes)
+        row["ratio"] = row["rq_val_nll"] / row["ar_val_nll"]
+        result["seeds"][str(seed)] = row
+        log(f"seed {seed}: {row}")
+        (args.out / "fmnist-nll.partial.json").write_text(json.dumps(result, indent=2))
+    ratios = [r["ratio"] for r in result["seeds"].values()]
+    result["mean_ratio"] = sum(ratios) / len(ratios)
+    return result
+
+
+def fmnist_quality(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.vq_diffusion_quality import real_test_images, score_variant
+
+    codes, seed = fmnist_codes(args), args.seeds[0]
+    decoder = FirstLevels(load_tokenizer_eval(fmnist_rqvae(args)), PRIOR_LEVELS)
+    classifier, real = classifier_path(args), real_test_images(args.real)
+    priors = {kind: fmnist_prior(args, kind, codes, seed) for kind in ("rq", "ar", "maskgit")}
+    score_args = argparse.Namespace(num_samples=args.num_samples, batch=args.sample_batch)
+    result: dict[str, Any] = {"codes": str(codes), "seed": seed, "prior_steps": args.prior_steps,
+                              "params": {k: params(p) for k, p in priors.items()}, "rows": []}
+    for cfg in args.cfg:
+        for kind, prior in priors.items():
+            kwargs = {"cfg_scale": cfg} if cfg else {}
+            row = {"prior": kind, "cfg_scale": cfg,
+                   **score_variant(prior, decoder, kwargs, real, classifier, score_args)}
+            result["rows"].append(row)
+            log(f"{kind} cfg {cfg}: FID {row['fid']:.2f} acc {row['classifier_accuracy']:.3f} "
+                f"{row['ms_per_image']:.1f} ms/image")
+            (args.out / "fmnist-quality.partial.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def rq_vs_vq(args: argparse.Namespace) -> dict[str, Any]:
+    """RQ-VAE 4x4x4 (f8) vs VQ 8x8 (f4) on Fashion-MNIST at 32 px: 64 codes of 256 = 512 bits per image each."""
+    from tokenforge.runs import open_run
+
+    steps = args.cmp_steps
+    common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=2",
+              "data.params.size=32", *FAST_TOKENIZER]
+    vq = ("model.params.quantizer={target: stage1.quantizers.vq.VectorQuantizer, params: {codebook_size: 256, "
+          "codebook: ema, decay: 0.99, beta: 0.25, kmeans_init: true, restart_dead: true}}")
+    runs = {"rq_4x4x4": [*common, "model.params.encoder.ch_mult=[1,2,4,4]"], "vq_8x8": [*common, vq]}
+    options = {"fid": "none", "lpips": "auto", "device": "cpu"}
+    result: dict[str, Any] = {"steps": steps, "val_images": args.val_images}
+    for name, overrides in runs.items():
+        ckpt = train(FMNIST_TOKENIZER, args.out / "runs", name, overrides)
+        tok = load_tokenizer_eval(ckpt)
+        dm = open_run(ckpt, expect="tokenizer").datamodule(batch_size=250)
+        dm.setup("validate")
+        spec = tok.code_spec
+        codes = math.prod(spec["grid"]) * (spec.get("depth") or 1)
+        result[name] = {"grid": spec["grid"], "depth": spec.get("depth"), "codes_per_image": codes,
+                        "bits_per_image": codes * math.log2(spec["codebook_size"]), "params": params(tok),
+                        **evaluate_levels(tok, dm.val_dataloader, options, args.val_images)}
+        log(f"{name}: {result[name]}")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["speed", "timing", "depth"])
+    p.add_argument("what", choices=["speed", "timing", "depth", "fmnist-depth", "fmnist-nll", "fmnist-quality",
+                                    "rq-vs-vq"])
     p.add_argument("--out", type=Path, default=Path("/tmp/rq_bench"))
     p.add_argument("--tok-steps", type=int, default=400)
     p.add_argument("--prior-steps", type=int, default=600)
@@ -268,11 +493,23 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8, help="attention heads of the priors")
+    p.add_argument("--quantizer-dropout", type=float, default=0.5, help="fmnist RQ-VAE: P(a batch uses a prefix)")
+    p.add_argument("--classifier", help="Fashion-MNIST domain classifier checkpoint (else one is trained)")
+    p.add_argument("--val-images", type=int, default=2000, help="fmnist validation (test-split) images used")
+    p.add_argument("--train-codes", type=int, default=20000, help="fmnist training images tokenized for the priors")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="prior seeds (fmnist-nll)")
+    p.add_argument("--num-samples", type=int, default=500, help="class-balanced samples per prior (fmnist-quality)")
+    p.add_argument("--real", type=int, default=1000, help="real test images for the domain FID")
+    p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 1.0], help="guidance scales (fmnist-quality)")
+    p.add_argument("--cmp-steps", type=int, default=250, help="training steps of each rq-vs-vq tokenizer")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"speed": speed, "timing": timing, "depth": depth}[args.what](args)
+    commands = {"speed": speed, "timing": timing, "depth": depth, "fmnist-depth": fmnist_depth,
+                "fmnist-nll": fmnist_nll, "fmnist-quality": fmnist_quality, "rq-vs-vq": rq_vs_vq}
+    result = commands[args.what](args)
     path = args.out / f"{args.what}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
