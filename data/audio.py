@@ -1,4 +1,5 @@
-"""Audio: the built-in ``spoken_digits`` dataset, synthesised locally by Debian's ``espeak-ng``.
+"""Audio: the built-in ``spoken_digits`` dataset, synthesised locally by Debian's ``espeak-ng``, and
+``chorales_audio`` (Bach chorales rendered by ``fluidsynth``, see ``data.chorales_audio``).
 
 Each clip is one word "zero".."nine" (its class) spoken by ``espeak-ng`` with an English voice and
 one of its voice variants (``en-us+VARIANT``; ~100 ship with the package) at a speed and pitch from
@@ -13,7 +14,8 @@ validation and tokenizing see whole padded clips with their lengths, so a decode
 back to the original duration.
 
 Splits are by voice: the validation voices are never heard in training, so reconstruction numbers
-measure a codec on unseen speakers.
+measure a codec on unseen speakers. ``chorales_audio`` splits by piece (the last ``num_val_pieces``
+rendered chorales are validation) and has no labels.
 
 Batches: ``{"x": float (B, 1, L) in [-1, 1], "label": long (B,), "length": long (B,)}``.
 """
@@ -35,7 +37,7 @@ from data.split import SplitDataModule, SplitDataset, seeded_subset
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ESPEAK_RATE = 22050
-DATASETS = ("spoken_digits",)
+DATASETS = ("spoken_digits", "chorales_audio")
 ESPEAK_INSTALL = "apt-get install -y espeak-ng"
 
 
@@ -152,11 +154,15 @@ def random_crops(x: torch.Tensor, lengths: torch.Tensor, crop: int,
 
 
 class AudioDataModule(SplitDataModule):
-    """Mono audio for the ``audio`` modality (``spoken_digits``).
+    """Mono audio for the ``audio`` modality (``spoken_digits`` or ``chorales_audio``).
 
-    ``num_val_voices`` of the ``num_voices`` variants are held out for validation. ``crop`` (samples)
-    sets the training window; ``limit_train``/``limit_val`` keep seeded random subsets. ``root`` is the
-    folder holding the ``espeak-ng`` executable (default: found on ``PATH``), ``cache_dir`` the cache folder.
+    ``spoken_digits``: ``num_val_voices`` of the ``num_voices`` variants are held out for validation.
+    ``chorales_audio``: the first ``num_pieces`` music21 chorale files (``null``: all 371; those with
+    4 parts in 4/4 are kept), the last ``num_val_pieces`` rendered pieces held out; ``soundfont`` is the
+    GM soundfont (default: fluid-soundfont-gm's) and ``gain`` fluidsynth's output gain. ``crop``
+    (samples) sets the training window; ``limit_train``/``limit_val`` keep seeded random subsets.
+    ``root`` is the folder holding the ``espeak-ng`` / ``fluidsynth`` executable (default: found on
+    ``PATH``), ``cache_dir`` the cache folder.
     """
 
     def __init__(self, dataset: str = "spoken_digits", sample_rate: int = 16000, clip_seconds: float = 1.0,
@@ -164,11 +170,12 @@ class AudioDataModule(SplitDataModule):
                  speeds: list[int] | tuple[int, ...] = (150, 180, 210),
                  pitches: list[int] | tuple[int, ...] = (35, 50, 65), root: str | None = None,
                  cache_dir: str | None = None, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 limit_train: int | None = None, limit_val: int | None = None) -> None:
+                 limit_train: int | None = None, limit_val: int | None = None, num_pieces: int | None = None,
+                 num_val_pieces: int = 2, soundfont: str | None = None, gain: float = 0.6) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-        if not 0 < num_val_voices < num_voices:
+        if dataset == "spoken_digits" and not 0 < num_val_voices < num_voices:
             raise ValueError(f"num_val_voices must be in 1..num_voices-1, got {num_val_voices} of {num_voices}")
         self.save_hyperparameters()
         self.dataset, self.sample_rate, self.clip_seconds, self.crop = dataset, sample_rate, clip_seconds, crop
@@ -177,7 +184,8 @@ class AudioDataModule(SplitDataModule):
         self.root, self.cache_dir = root, cache_dir
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.limits = {"train": limit_train, "val": limit_val}
-        self.num_classes: int | None = len(DIGITS)
+        self.num_pieces, self.num_val_pieces, self.soundfont, self.gain = num_pieces, num_val_pieces, soundfont, gain
+        self.num_classes: int | None = len(DIGITS) if dataset == "spoken_digits" else None
         self.channels, self.length = 1, int(round(clip_seconds * sample_rate))
 
     @property
@@ -187,12 +195,26 @@ class AudioDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
-        audio, lengths, labels, voices = spoken_digit_clips(self.num_voices, self.speeds, self.pitches,
-                                                            self.sample_rate, self.clip_seconds, self.root,
-                                                            self.cache_dir)
+        if self.dataset == "chorales_audio":
+            from data.chorales_audio import chorale_audio_clips
+
+            audio, lengths, groups = chorale_audio_clips(self.num_pieces, self.sample_rate, self.clip_seconds,
+                                                         self.gain, root=self.root, soundfont=self.soundfont,
+                                                         cache_dir=self.cache_dir)
+            labels_t, held_out = None, self.num_val_pieces
+            if not 0 < held_out < len(np.unique(groups)):
+                raise ValueError(f"num_val_pieces must be in 1..pieces-1, got {held_out} of "
+                                 f"{len(np.unique(groups))} rendered pieces")
+        else:
+            audio, lengths, labels, groups = spoken_digit_clips(self.num_voices, self.speeds, self.pitches,
+                                                                self.sample_rate, self.clip_seconds, self.root,
+                                                                self.cache_dir)
+            labels_t, held_out = torch.from_numpy(labels), self.num_val_voices
         items = torch.from_numpy(audio).unsqueeze(1)
-        labels_t, lengths_t = torch.from_numpy(labels), torch.from_numpy(lengths)
-        is_val = torch.from_numpy(voices >= voices.max() + 1 - self.num_val_voices)
+        lengths_t = torch.from_numpy(lengths)
+        # the last voices / pieces are held out: validation never hears a training speaker or piece
+        last = np.unique(groups)[-held_out:]
+        is_val = torch.from_numpy(np.isin(groups, last))
         for salt, (split, mask) in enumerate((("train", ~is_val), ("val", is_val)), start=1):
             keep = seeded_subset(torch.nonzero(mask).flatten(), self.limits[split], self.seed * 1_000_003 + salt)
             self._splits[split] = AudioSplitDataset(items, labels_t, lengths_t, keep)

@@ -4,6 +4,7 @@ its losses against their formulas, and spoken digits -> codec -> codes -> AR pri
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from data.audio import AudioDataModule, find_espeak, random_crops, spoken_digit_clips
+from data.chorales_audio import DEFAULT_SOUNDFONT, chorale_audio_clips, find_fluidsynth, find_soundfont
 from data.errors import MissingDataError
 from helpers import CONFIGS, train
 from stage1.losses.audio import (
@@ -26,6 +28,8 @@ from stage1.modalities import get_modality
 from stage1.seanet import SEANetDecoder, SEANetEncoder
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+needs_fluidsynth = pytest.mark.skipif(shutil.which("fluidsynth") is None or not Path(DEFAULT_SOUNDFONT).is_file(),
+                                      reason="fluidsynth or fluid-soundfont-gm is not installed")
 TINY = {"num_voices": 2, "speeds": (180,), "pitches": (50,), "sample_rate": 16000, "clip_seconds": 0.64}
 
 
@@ -87,6 +91,46 @@ def test_missing_packages_name_their_apt_command(tmp_path, monkeypatch):
     monkeypatch.setattr("data.audio.shutil.which", lambda name: None)
     with pytest.raises(MissingDataError, match=r"apt-get install -y espeak-ng"):
         find_espeak()
+
+
+@needs_fluidsynth
+def test_chorales_audio_renders_cached_clips_split_by_piece(tmp_path, monkeypatch):
+    audio, lengths, pieces = chorale_audio_clips(num_pieces=3, clip_seconds=0.5, cache_dir=str(tmp_path),
+                                                 progress=False)
+    assert audio.dtype == np.float32 and audio.shape[1] == 8000 and len(audio) > 40  # > 20 s of music
+    assert len(set(pieces.tolist())) >= 2 and (np.diff(pieces) >= 0).all()  # clips in piece order
+    assert (lengths >= 4000).all() and (lengths <= 8000).all() and (lengths < 8000).sum() <= len(set(pieces.tolist()))
+    for x, n in zip(audio, lengths):
+        assert not x[n:].any()  # padding is silent
+    assert np.abs(audio).max() == pytest.approx(0.9, abs=1e-4)  # peak-normalised per piece
+    assert np.sqrt((audio[:, :4000] ** 2).mean(1)).min() > 1e-3  # real sound: no silent clip
+    assert len(list(tmp_path.glob("chorales_audio-*.npy"))) == 1
+    monkeypatch.setattr("data.chorales_audio.render_midi", lambda *a: pytest.fail("rendered although cached"))
+    again = chorale_audio_clips(num_pieces=3, clip_seconds=0.5, cache_dir=str(tmp_path), progress=False)
+    assert np.array_equal(again[0], audio) and np.array_equal(again[2], pieces)
+    dm = AudioDataModule(dataset="chorales_audio", num_pieces=3, num_val_pieces=1, clip_seconds=0.5, crop=3200,
+                         batch_size=4, cache_dir=str(tmp_path))
+    dm.setup()
+    val_pieces = set(pieces[dm.split_dataset("val").indices.numpy()].tolist())
+    train_pieces = set(pieces[dm.split_dataset("train").indices.numpy()].tolist())
+    assert val_pieces == {int(pieces.max())} and not val_pieces & train_pieces and dm.num_classes is None
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (4, 1, 3200) and set(batch) == {"x", "length"}
+
+
+def test_missing_fluidsynth_or_soundfont_names_the_apt_command(tmp_path, monkeypatch):
+    with pytest.raises(MissingDataError, match=r"apt-get install -y fluidsynth fluid-soundfont-gm"):
+        find_fluidsynth(str(tmp_path))  # a folder without the binary
+    monkeypatch.setattr("data.chorales_audio.shutil.which", lambda name: None)
+    with pytest.raises(MissingDataError, match=r"apt-get install -y fluidsynth fluid-soundfont-gm"):
+        find_fluidsynth()
+    with pytest.raises(MissingDataError, match=r"soundfont.*apt-get install -y fluidsynth fluid-soundfont-gm"):
+        find_soundfont(str(tmp_path / "missing.sf2"))
+    # the DataModule reaches the same error before rendering anything
+    dm = AudioDataModule(dataset="chorales_audio", num_pieces=2, num_val_pieces=1,
+                         soundfont=str(tmp_path / "missing.sf2"), root=str(tmp_path), cache_dir=str(tmp_path))
+    with pytest.raises(MissingDataError, match=r"fluidsynth fluid-soundfont-gm"):
+        dm.setup()
 
 
 # -------------------------------------------------------------------------------------- codec shapes
