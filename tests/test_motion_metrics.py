@@ -175,6 +175,8 @@ def test_gif_has_one_frame_per_pose_even_for_a_still_pose(tmp_path):
     assert iio.imread(grid, index=None).shape[0] == 9  # the longest panel; shorter ones hold their last pose
     cmp_path = render_comparison([walk, walk], [walk + 0.02, walk], PARENTS, tmp_path / "cmp.gif", dpi=40)
     assert iio.imread(cmp_path, index=None).shape[0] == 9
+    halved = render_stick_figure_gif(walk, PARENTS, tmp_path / "halved.gif", fps=30, frame_step=2, dpi=40)
+    assert iio.imread(halved, index=None).shape[0] == 5 and iio.immeta(halved, index=0)["duration"] in (60, 70)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
