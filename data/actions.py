@@ -275,6 +275,16 @@ class ActionChunkDataModule(pl.LightningDataModule):
                 torch.from_numpy(np.concatenate(obs) if obs else empty_o).float(),
                 torch.from_numpy(np.concatenate(act) if act else empty_a).float())
 
+    @property
+    def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """The normalisation as ``{"obs"|"actions": {"mean", "std"}}``: batches hold ``(x - mean) / std``
+        (for ``minmax`` "mean" is the range's midpoint and "std" its half-width)."""
+        if self.normalizer is None:
+            self.setup()
+        n = self.normalizer
+        return {"obs": {"mean": n.obs_shift, "std": n.obs_scale},
+                "actions": {"mean": n.action_shift, "std": n.action_scale}}
+
     def split_dataset(self, split: str) -> ActionChunkDataset:
         if not self._splits:
             self.setup()

@@ -79,31 +79,42 @@ def contact_candidates(num: int = NUM_CONTACTS) -> tuple[np.ndarray, np.ndarray]
 
 
 class PushSimulator:
-    """gym-pusht's world (its own ``_setup``) reused as a scratch space for trial pushes."""
+    """A scratch pymunk world built like gym-pusht's (its own walls, agent and T constructors) for
+    trial pushes. It leaves out the env's contact-counting callback, which only feeds ``info`` and
+    would cost more than the physics; the PD step is the env's, with the kinematic agent's position
+    advanced as pymunk does (``p += v * dt``) so it need not be read back every substep."""
 
     def __init__(self) -> None:
+        import pymunk
         from gym_pusht.envs.pusht import PushTEnv
 
-        self.env = PushTEnv(obs_type="state")
-        self.env._setup()
-        self.agent, self.block = self.env.agent, self.env.block
-        self.k_p, self.k_v, self.dt = self.env.k_p, self.env.k_v, self.env.dt
-        self.substeps = int(1 / (self.env.dt * self.env.control_hz))
+        self.space = pymunk.Space()
+        self.space.gravity, self.space.damping = (0, 0), 0.0
+        self.space.add(*[PushTEnv.add_segment(self.space, a, b, 2) for a, b in
+                         (((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506)))])
+        self.agent = PushTEnv.add_circle(self.space, (256, 400), AGENT_RADIUS)
+        self.block, _ = PushTEnv.add_tee(self.space, (256, 300), 0)
+        probe = PushTEnv(obs_type="state")  # gains and timing from the env itself
+        self.k_p, self.k_v, self.dt = float(probe.k_p), float(probe.k_v), float(probe.dt)
+        self.substeps = int(1 / (probe.dt * probe.control_hz))
 
     def push(self, agent: np.ndarray, block: np.ndarray, angle: float, targets: np.ndarray) -> tuple[np.ndarray, float]:
         """Block origin and angle after the agent, at rest at ``agent``, tracks ``targets`` (one per env step)."""
-        from pymunk.vec2d import Vec2d
-
         self.block.angle = angle  # angle first: setting it rotates about the centre of gravity
         self.block.position = (float(block[0]), float(block[1]))
         self.block.velocity, self.block.angular_velocity = (0.0, 0.0), 0.0
-        self.agent.position, self.agent.velocity = (float(agent[0]), float(agent[1])), (0.0, 0.0)
-        agent_body, space, dt = self.agent, self.env.space, self.dt
-        for target in targets:
-            goal = Vec2d(float(target[0]), float(target[1]))
-            for _ in range(self.substeps):  # the env's PD step, verbatim
-                agent_body.velocity += (self.k_p * (goal - agent_body.position) - self.k_v * agent_body.velocity) * dt
-                space.step(dt)
+        px, py = float(agent[0]), float(agent[1])
+        vx = vy = 0.0
+        self.agent.position = (px, py)
+        body, step, kp, kv, dt = self.agent, self.space.step, self.k_p, self.k_v, self.dt
+        for gx, gy in targets.tolist():
+            for _ in range(self.substeps):  # the env's PD step
+                vx += (kp * (gx - px) - kv * vx) * dt
+                vy += (kp * (gy - py) - kv * vy) * dt
+                body.velocity = (vx, vy)
+                step(dt)
+                px += vx * dt
+                py += vy * dt
         return np.array(self.block.position), float(self.block.angle)
 
 
