@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a prior checkpoint, e.g. runs/ar/checkpoints/last.ckpt; for hierarchical codes one per "
                         "level (e.g. TOP.ckpt BOTTOM.ckpt), each sampled after the prior of its context level")
     p.add_argument("-n", "--num", type=positive_int, default=16, help="number of samples (default 16)")
-    p.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
-                   help="class label(s) for a class-conditional prior; several are cycled over the samples")
+    p.add_argument("--class", dest="classes", nargs="+", default=None,
+                   help="class label(s) for a class-conditional prior, as indices or as the class names the "
+                        "tokenizer's modality knows (e.g. --class backflip for motion); several are cycled over "
+                        "the samples")
     add_sampling_flags(p, argv)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples drawn per forward pass")
@@ -55,6 +58,22 @@ def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
     parts += [f"{k}{v}" for k, v in sorted(kwargs.items())]
     parts.append(f"seed{args.seed}")
     return Path(args.checkpoint[-1]).resolve().parent.parent / "samples" / "_".join(parts)
+
+
+def class_indices(values: Sequence[str], code_spec: Mapping[str, Any]) -> list[int]:
+    """``--class`` values as label indices: integers as given, names through the ``class_names`` of the
+    tokenizer's modality (e.g. the DeepMimic clips for motion)."""
+    names = list(getattr(modality_of(code_spec), "class_names", None) or ())
+    indices = []
+    for value in values:
+        if re.fullmatch(r"-?\d+", str(value)):
+            indices.append(int(value))
+        elif value in names:
+            indices.append(names.index(value))
+        else:
+            known = f"one of {', '.join(names)} or an index" if names else "an index (this modality names no classes)"
+            raise ValueError(f"unknown class {value!r}: give {known}")
+    return indices
 
 
 def sampling_order(runs: Sequence[Any]) -> list[Any]:
@@ -108,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.classes is not None:
         if all(r.model.num_classes is None for r in runs):
             raise ValueError(f"{' '.join(args.checkpoint)}: unconditional prior(s); drop --class")
-        labels = torch.tensor([args.classes[i % len(args.classes)] for i in range(args.num)], device=args.device)
+        classes = class_indices(args.classes, tokenizer.code_spec)
+        labels = torch.tensor([classes[i % len(classes)] for i in range(args.num)], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     codes, decoded = [], []
     for start in range(0, args.num, args.batch_size):
