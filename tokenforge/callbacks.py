@@ -1,4 +1,5 @@
-"""Callbacks the train command adds: run metadata, safe interruption, image grids, usage histograms."""
+"""Callbacks the train command adds: run metadata, safe interruption, image grids, usage histograms,
+the MoE load history."""
 
 from __future__ import annotations
 
@@ -160,3 +161,64 @@ def _log_image(trainer: pl.Trainer, tag: str, path: Path, step: int) -> None:
 
 
 __all__ = ["RunMetadata", "SaveOnInterrupt", "ReconstructionGrid", "CodebookHistogram"]
+
+
+class MoELoadHistory(pl.Callback):
+    """Per-expert load of every MoE layer over training, kept in the checkpoint for ``evaluate``.
+
+    Forward hooks on the MoE layers (and mixture-of-attention-heads layers) read the ``load``,
+    ``router_entropy`` and ``dropped_fraction`` each forward reports; every ``every_n_steps`` training
+    steps the means over that step's forwards are appended. The history is this callback's state, so
+    it lives in every checkpoint (``checkpoint["callbacks"]``), survives a resume, and loads with
+    ``weights_only=True`` (lists of floats).
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = max(int(every_n_steps), 1)
+        self.history: dict[str, Any] = {"steps": [], "layers": {}}
+        self._handles: list[Any] = []
+        self._seen: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    @staticmethod
+    def moe_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        from layers.moe import MixtureOfAttentionHeads, MoE
+
+        return {n: m for n, m in module.named_modules() if isinstance(m, (MoE, MixtureOfAttentionHeads))}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, layer in self.moe_layers(pl_module).items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not module.training or not isinstance(output, tuple):
+                return
+            aux = output[1]
+            self._seen.setdefault(name, []).append(
+                {k: aux[k].detach().float() for k in ("load", "router_entropy", "dropped_fraction") if k in aux})
+
+        return hook
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        seen, self._seen = self._seen, {}
+        if not seen or (trainer.global_step - 1) % self.every_n_steps:  # steps 1, 1 + n, 1 + 2n, ...
+            return
+        self.history["steps"].append(int(trainer.global_step))
+        for name, records in seen.items():
+            layer = self.history["layers"].setdefault(name, {"load": [], "router_entropy": [],
+                                                             "dropped_fraction": []})
+            for key in layer:
+                values = [r[key] for r in records if key in r]
+                mean = torch.stack(values).mean(0).cpu() if values else torch.tensor(float("nan"))
+                layer[key].append(mean.tolist())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = state_dict.get("history", self.history)

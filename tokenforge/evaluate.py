@@ -8,6 +8,9 @@ scored by the modality (images: FID, precision and recall on the same features, 
 classifier's accuracy on class-conditional samples; sequences: spectral Fréchet distance and
 class accuracy), plus the code usage of the samples.
 Both print a table, write JSON with ``--json``, and write ``report.md`` with plots into ``--out``.
+A model with MoE layers also gets what its experts learned (:mod:`tokenforge.moe_report`): load
+balance, router entropy, drop rate and expert x class / code value / position routing, measured on
+the evaluated data (a prior: teacher-forced on its own samples), and the load history of training.
 Every FID is labelled with its feature extractor, sample counts and resolution.
 """
 
@@ -23,11 +26,13 @@ from typing import Any
 import torch
 
 from data.atomic import atomic_write_text
+from layers.moe.recording import RoutingRecorder
 from metrics.codebook import CodebookUsage
 from metrics.latent import LatentStatistics
 from stage1.depth_eval import DepthReconstruction, residual_depth
 from stage1.modalities import Evaluator, modality_of
 from tokenforge.cli import positive_int
+from tokenforge.moe_report import load_history, routing_plots, routing_results
 from tokenforge.report import write_report
 from tokenforge.runs import open_run
 from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs
@@ -83,10 +88,12 @@ def _limited(loader: Any, limit: int | None):
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluator, limit: int | None = None
+def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluator, limit: int | None = None,
+                       recorder: RoutingRecorder | None = None,
                        ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The modality's reconstruction metrics and codebook usage over a split; returns (results, code
-    counts, the first inputs and their reconstructions)."""
+    counts, the first inputs and their reconstructions). ``recorder`` (entered by the caller) tallies
+    the routing of one encode + decode per batch against the batch's labels."""
     spec = model.code_spec
     levels = spec.get("levels") or {None: spec}  # hierarchical codes (VQ-VAE-2): usage per level, "<level>/<stat>"
     usages = {name: CodebookUsage(lv["codebook_size"], depth=lv.get("depth")).to(device) for name, lv in levels.items()
@@ -99,6 +106,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
         x = x.to(device)
         codes = model.encode(x)
         xrec = model.decode(codes).clamp(-1, 1)
+        if recorder is not None:
+            recorder.commit(labels=labels)
         for name, usage in usages.items():
             usage.update(codes if name is None else codes[name])
         if latents is not None:
@@ -106,6 +115,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
             latents.update(q.mean, q.logvar)
         if per_depth is not None:
             per_depth.update(model, x, codes)
+        if recorder is not None:
+            recorder.discard()  # the posterior and the partial-depth decodes are not counted twice
         evaluator.update(real=x, fake=xrec, labels=labels)
         if first is None:
             first = (x[:8].cpu(), xrec[:8].cpu())
@@ -126,9 +137,12 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
 
 
 @torch.no_grad()
-def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Namespace,
-                   evaluator: Evaluator) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
-    """Generate samples and compare them with the real split; returns (results, first samples, their classes)."""
+def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Namespace, evaluator: Evaluator,
+                   recorder: RoutingRecorder | None = None,
+                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """Generate samples and compare them with the real split; returns (results, first samples, their classes).
+    ``recorder`` (entered by the caller) tallies the routing of the training forward on each batch of
+    samples (their classes; their codes as the token values), not the sampling loop's."""
     device = args.device
     kwargs = sampling_kwargs(prior, args)
     n = args.num_samples
@@ -146,6 +160,10 @@ def evaluate_prior(prior: Any, tokenizer: Any, loader: Any, args: argparse.Names
         codes = prior.sample(m, cond=cond, generator=gen, **kwargs)
         if code_counts is not None:
             code_counts.update(codes)
+        if recorder is not None:
+            recorder.discard()
+            prior.loss(codes, cond)
+            recorder.commit(labels=cond, values=prior.flatten_codes(codes) if discrete else None)
         fake = tokenizer.decode(codes.to(device)).clamp(-1, 1)
         evaluator.update(fake=fake, labels=cond)
         if shown is None:
@@ -190,9 +208,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "inception_weights": args.inception_weights,
                "dataset": (run.data_config().get("params") or {}).get("dataset")}
     loader = split_loader(dm, args.split)
+    recorder = RoutingRecorder(run.model)
     if kind == "tokenizer":
         evaluator = modality.reconstruction_evaluator(options)
-        results, counts, first = evaluate_tokenizer(tokenizer, loader, args.device, evaluator, args.limit)
+        with recorder:
+            results, counts, first = evaluate_tokenizer(tokenizer, loader, args.device, evaluator, args.limit,
+                                                        recorder if recorder else None)
         if counts is not None:
             plots["usage histogram (codes sorted by frequency)"] = save_usage_histogram(
                 counts, out_dir / "usage_histogram.png", title=f"{Path(args.checkpoint).name} ({args.split})")
@@ -201,9 +222,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 *first, out_dir / "reconstructions.png")
     else:
         evaluator = modality.sample_evaluator(options)
-        results, shown, shown_labels = evaluate_prior(prior, tokenizer, loader, args, evaluator)
+        with recorder:
+            results, shown, shown_labels = evaluate_prior(prior, tokenizer, loader, args, evaluator,
+                                                          recorder if recorder else None)
         if shown is not None:
             plots["samples"] = modality.save_preview(shown, out_dir / "samples.png", shown_labels)
+    if recorder:
+        results |= routing_results(recorder)
+        plots |= routing_plots(recorder, load_history(run.checkpoint), out_dir, getattr(dm, "class_names", None))
     notes = evaluator.notes
     results = {"checkpoint": str(args.checkpoint), "kind": kind, "split": args.split, **results, "notes": notes}
     results["plots"] = {k: str(v) for k, v in plots.items()}

@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from data.atomic import atomic_write_text
 from layers.instantiate import ConfigError, instantiate
 from stage1.tokenizer import CorruptCheckpointError, load_checkpoint_file
-from tokenforge.callbacks import RunMetadata, SaveOnInterrupt
+from tokenforge.callbacks import MoELoadHistory, RunMetadata, SaveOnInterrupt
 from tokenforge.checkpoint_io import AtomicCheckpointIO
 from tokenforge.config import confine_paths, load_config, section_bases, to_plain
 from tokenforge.run_lock import RunLock, lock_holder
@@ -68,6 +68,7 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
                         save_on_train_epoch_end=True, enable_version_counter=False),
         RunMetadata(cfg, checkpoint_dir=ckpt_dir),
         SaveOnInterrupt(ckpt_dir / "last.ckpt"),
+        MoELoadHistory(),  # does nothing for a model without MoE layers
         *extra_callbacks,
     ]
     for i, spec in enumerate(cfg.get("callbacks") or []):

@@ -10,7 +10,8 @@ MoE, ConvMoE), ``deepseek.py`` (fine-grained + shared experts), ``upcycle.py`` (
 ``multi_head.py`` (MH-MoE), ``peer.py`` (PEER product-key experts),
 ``sparsemixer.py`` (GRIN's SparseMixer-v2 router),
 ``stable.py`` (StableMoE's two-stage routing), ``attention_heads.py`` (MoA: experts in attention),
-``merge.py`` (MC-SMoE expert merging after training).
+``merge.py`` (MC-SMoE expert merging after training), ``recording.py`` (what the routers decided, for
+``evaluate``'s routing plots).
 """
 
 from .attention_heads import MixtureOfAttentionHeads
@@ -21,6 +22,7 @@ from .layer import ConvMoE, MoE, SharedExperts, build_router
 from .merge import group_experts, merge_groups
 from .multi_head import MultiHeadMoE
 from .peer import PEER
+from .recording import RoutingRecorder, mutual_information_bits
 from .router_losses import balance_loss, z_loss
 from .routers import (
     AuxFreeRouter,
@@ -39,8 +41,9 @@ from .upcycle import upcycle_ffn, upcycle_transformer
 
 __all__ = [
     "AuxFreeRouter", "ConvMoE", "DeepSeekMoE", "ExpertChoiceRouter", "MixtureOfAttentionHeads", "MoE",
-    "MoEPlusPlusRouter", "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "SharedExperts",
+    "MoEPlusPlusRouter", "MultiHeadMoE", "PEER", "ReLURouter", "Router", "Routing", "RoutingRecorder",
+    "SharedExperts",
     "SoftMoERouter", "SparseMixerRouter", "StableMoERouter", "StackedExperts", "TopAnyRouter", "TopKRouter",
     "balance_loss", "build_router", "group_experts", "link_gating_residuals", "merge_groups", "upcycle_ffn",
-    "upcycle_transformer", "z_loss",
+    "mutual_information_bits", "upcycle_transformer", "z_loss",
 ]
