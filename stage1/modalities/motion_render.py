@@ -210,6 +210,7 @@ def render_stick_figure_gif(
     **kwargs,
 ) -> Path:
     """Animate one ``(T, J, 3)`` sequence as a stick figure over a ground grid (``.gif``; ``.mp4`` works too)."""
+    kwargs.setdefault("dpi", 80)  # one panel: a little larger than a grid's panels (192 px square)
     return render_stick_figure_grid([positions], parents, path, titles=None if title is None else [title],
                                     fps=fps, up_axis=up_axis, **kwargs)
 
