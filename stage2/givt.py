@@ -30,6 +30,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from layers.transformer import Transformer
 from stage2.gmm import DBCFGStats, GaussianMixture, GMMHead, db_cfg_sample
 from stage2.options import SamplingOption
 from stage2.prior import PriorLoss
@@ -78,7 +79,7 @@ class GIVT(TransformerPrior):
         super().__init__(norm=norm, mlp=mlp, positions=positions, **prior)
         self.latent_dim = int(self.layout.continuous_dim)  # type: ignore[arg-type]
         dim = self.dim
-        self.transformer = self.build_transformer(causal=True)  # position 0 (the class token) is cell 0
+        self.transformer = self.make_transformer()
         self.embed = self.code_embedding(dim)  # a linear map of the latent vector
         self.classes = self.class_embedding(dim)
         self.apply(init_gpt_weights)
@@ -87,6 +88,11 @@ class GIVT(TransformerPrior):
         self.register_buffer("latent_std", torch.ones(self.latent_dim))
         self.register_buffer("norm_items_seen", torch.zeros((), dtype=torch.long))
         self.last_sampling_stats: dict[str, float] = {}
+
+    def make_transformer(self) -> Transformer:
+        """The causal transformer; position 0 (the class token) is cell 0. The masked variant
+        (:mod:`stage2.givt_maskgit`) overrides this with a bidirectional one."""
+        return self.build_transformer(causal=True)
 
     # --- normalisation ----------------------------------------------------------------------------
     def normalize(self, x: Tensor) -> Tensor:
@@ -146,11 +152,15 @@ class GIVT(TransformerPrior):
              generator: torch.Generator | None = None) -> PriorLoss:
         """Exact NLL of the latents under the per-position mixtures; the objective is nats per dimension."""
         gmm, z, aux = self(codes, labels)
-        nll_token = -gmm.log_prob(z).mean()
+        return self.nll_loss(-gmm.log_prob(z).mean(), aux)
+
+    def nll_loss(self, nll_token: Tensor, aux: dict[str, Tensor], name: str = "bits_per_dim",
+                 **extra: Tensor) -> PriorLoss:
+        """The objective (nats per dimension) from the NLL per position in normalised space, with
+        ``name`` = bits per dimension in the tokenizer's units and ``name_normalized`` logged."""
         per_dim = nll_token / self.latent_dim
         log_jacobian = torch.log(self.latent_std).sum() / self.latent_dim  # back to the tokenizer's units
-        stats = {"bits_per_dim": (per_dim + log_jacobian) / math.log(2),
-                 "bits_per_dim_normalized": per_dim / math.log(2)}
+        stats = {name: (per_dim + log_jacobian) / math.log(2), f"{name}_normalized": per_dim / math.log(2), **extra}
         return PriorLoss(per_dim, nll_token, aux, {k: v.detach() for k, v in stats.items()})
 
     # --- sampling ---------------------------------------------------------------------------------
