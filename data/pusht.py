@@ -9,9 +9,11 @@ agent's target position ``[x, y]`` in ``[0, 512]`` (the env's PD controller trac
 of gravity. An episode ends at 95% goal coverage (success) or after 300 steps.
 
 Modes: which way the agent travels around the block. :func:`classify_mode` sums the agent's
-signed angle increments around the block's centre of gravity over the episode (in the env's
-``(x, y)`` coordinates): negative is ``cw`` (0), positive ``ccw`` (1), less than a quarter turn
-either way is neither (-1). The scripted expert (``data/pusht_expert.py``) orbits one way per episode.
+signed angle increments around the block's centre of gravity over the episode, in the env's
+``(x, y)`` coordinates; gym-pusht draws them with y pointing down (no flip), so an increasing angle
+is *clockwise on screen*: negative is ``ccw`` (0), positive ``cw`` (1), less than a quarter turn
+either way is neither (-1). The names are as seen in the rendered frames and GIFs. The scripted
+expert (``data/pusht_expert.py``) orbits one way per episode.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from data.pusht_expert import EXPERT_VERSION, PushTExpert  # noqa: F401  (EXPERT
 GYM_ID = "gym_pusht/PushT-v0"
 OBS_DIM, ACT_DIM = 6, 2
 MAX_STEPS = 300  # gym-pusht's registered time limit
-MODE_NAMES = ("cw", "ccw")
+MODE_NAMES = ("ccw", "cw")  # as seen on screen (y down): 0 = angle decreasing, 1 = increasing
 COG_LOCAL = np.array([0.0, 45.0])  # the T's centre of gravity in its body frame (mean of bar and stem centres)
 GIF_SIZE = 192  # rendered frame side for rollout GIFs (the env's default is 680)
 

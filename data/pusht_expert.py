@@ -135,7 +135,8 @@ def _resample(path: np.ndarray, step: float) -> np.ndarray:
 
 
 class PushTExpert:
-    """The scripted expert as a policy: ``reset(seed)`` draws the orbit direction (``mode``: 0 cw, 1 ccw)."""
+    """The scripted expert as a policy: ``reset(seed)`` draws the orbit direction (``mode``: 0 the
+    angle around the block decreases — counter-clockwise on screen, where y points down — 1 it increases)."""
 
     def __init__(self) -> None:
         self.sim: PushSimulator | None = None
@@ -153,7 +154,7 @@ class PushTExpert:
         phi_a = np.arctan2(*(agent - cog)[::-1])
         phi_s = np.arctan2(*(start - cog)[::-1])
         sweep = (phi_s - phi_a) % (2 * np.pi)
-        if self.mode == 0:  # clockwise: the angle decreases
+        if self.mode == 0:  # the angle decreases
             sweep = sweep - 2 * np.pi if sweep > 1e-9 else 0.0
         path = np.concatenate([[agent], _arc(cog, ORBIT_RADIUS, phi_a, sweep), [start]])
         return _resample(path, WALK_STEP)

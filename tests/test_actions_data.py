@@ -202,7 +202,7 @@ def test_pusht_modes_are_read_from_the_agents_turn_around_the_block():
     t = np.linspace(0, 1.5 * np.pi, 40)
     obs = np.tile(features, (40, 1))
     obs[:, :2] = cog + 120 * np.stack([np.cos(t), np.sin(t)], 1)
-    assert classify_mode(obs, None) == 1  # the angle increases: ccw
+    assert classify_mode(obs, None) == 1  # the angle increases: clockwise on screen (y down)
     obs[:, 1] = cog[1] - 120 * np.sin(t)
     assert classify_mode(obs, None) == 0
     obs[:, :2] = cog + 120 * np.stack([np.cos(t / 10), np.sin(t / 10)], 1)

@@ -1,0 +1,175 @@
+"""Robot actions (issue 20): the scripted expert, MLP behaviour cloning and VQ-BeT in closed loop.
+
+For each task (``pusht``, ``mountain_car``):
+
+1. demonstrations: ``N`` scripted-expert episodes (``data.actions.load_demonstrations``, cached);
+   their success rate, final coverage and mode counts are the expert's figures on the training seeds;
+2. policies trained on exactly those demonstrations, through the train command and the shipped
+   configs with the same history/chunk: ``configs/bc_mlp.yaml`` and, when the model half exists,
+   ``configs/action_vq.yaml`` then ``configs/vqbet.yaml`` (tokenizer first, frozen, then the policy);
+3. closed-loop rollouts on held-out seeds (``data.actions.heldout_seeds``): success rate, mean final
+   coverage (PushT), mean steps to goal;
+4. multimodality: ``M`` rollouts from ONE start state with different policy seeds, the share of each
+   mode (PushT: orbit direction ccw/cw as seen on screen; MountainCar: first push left/right; "neither" when the
+   trajectory shows neither), read from the trajectory by the same classifier for every policy;
+5. one rollout GIF per policy from that start state under ``bench/results/``.
+
+Results go to ``bench/results/actions.json`` (after every stage) and ``bench/results/actions.md``.
+
+    nice -n 10 python bench/actions.py --envs mountain_car pusht
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.actions import (  # noqa: E402
+    env_info,
+    heldout_seeds,
+    load_demonstrations,
+    make_expert,
+    rollout,
+    summarize,
+    write_rollout_gif,
+)
+from data.atomic import atomic_write_text  # noqa: E402
+from tokenforge.train import main as train  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+HISTORY, CHUNK = 2, 5  # the shipped configs' observation history and action chunk
+
+
+class SeededPolicy:
+    """A sampling policy (``model.policy(obs, generator=...)``) made reproducible per rollout."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.generator = model, torch.Generator()
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(int(seed))
+
+    def __call__(self, obs_history: np.ndarray) -> np.ndarray:
+        return self.model.policy(obs_history, generator=self.generator)
+
+
+def data_overrides(env: str, episodes: int) -> list[str]:
+    return [f"data.params.env={env}", f"data.params.num_episodes={episodes}", "data.params.seed=0",
+            f"data.params.history={HISTORY}", f"data.params.chunk={CHUNK}", "data.params.progress=false"]
+
+
+def train_config(config: str, name: str, runs: Path, overrides: list[str]) -> Path:
+    ckpt = runs / name / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    train([str(ROOT / config), "--runs", str(runs), "--name", name, "trainer.accelerator=cpu",
+           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides])
+    print(f"  trained {name} in {time.time() - t0:.0f}s", flush=True)
+    return ckpt
+
+
+def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tuple[Any, int]]:
+    """``name -> (policy, history)``; VQ-BeT only when its configs exist in the tree."""
+    from stage2.bc_mlp import BCMLP
+
+    runs = Path(args.runs)
+    steps = args.steps[env]
+    data = data_overrides(env, args.episodes[env])
+    out: dict[str, tuple[Any, int]] = {"expert": (make_expert(env), 1)}
+    bc = BCMLP.load(train_config("configs/bc_mlp.yaml", f"bc_mlp_{env}", runs,
+                                 [*data, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]))
+    out["bc_mlp"] = (bc.policy, bc.history)
+    log["training"][f"bc_mlp_{env}"] = {"steps": steps, "params": sum(p.numel() for p in bc.parameters())}
+    if args.skip_vqbet or not all((ROOT / c).is_file() for c in ("configs/action_vq.yaml", "configs/vqbet.yaml")):
+        log["training"][f"vqbet_{env}"] = "skipped: " + ("--skip-vqbet" if args.skip_vqbet else "configs missing")
+        return out
+    from tokenforge.runs import open_run
+
+    tok_steps = args.tokenizer_steps[env]
+    tok = train_config("configs/action_vq.yaml", f"action_vq_{env}", runs,
+                       [*data, f"trainer.max_steps={tok_steps}", f"trainer.val_check_interval={tok_steps}"])
+    prior = train_config("configs/vqbet.yaml", f"vqbet_{env}", runs,
+                         [*data, f"model.params.tokenizer={tok}", f"trainer.max_steps={steps}",
+                          f"trainer.val_check_interval={steps}"])
+    model = open_run(prior).model.eval()
+    out["vqbet"] = (SeededPolicy(model), int(model.history))
+    log["training"][f"vqbet_{env}"] = {"tokenizer_steps": tok_steps, "steps": steps,
+                                       "params": sum(p.numel() for p in model.parameters())}
+    return out
+
+
+def run_env(env: str, args: argparse.Namespace, log: dict) -> None:
+    info = env_info(env)
+    t0 = time.time()
+    demos = load_demonstrations(env, args.episodes[env], seed=0)
+    log["demos"][env] = {
+        "episodes": len(demos), "load_or_generate_s": round(time.time() - t0, 1), "steps": int(demos.lengths.sum()),
+        "success_rate": float(demos.success.mean()), "mean_length": float(demos.lengths.mean()),
+        "mean_final_coverage": None if np.isnan(demos.final_coverage).all() else float(np.mean(demos.final_coverage)),
+        "modes": {name: int((demos.modes == i).sum()) for i, name in enumerate(info.mode_names)},
+    }
+    save(log, args)
+    policies = policies_for(env, args, log)
+    save(log, args)
+    seeds = heldout_seeds(args.eval_episodes[env])
+    start = heldout_seeds(1, offset=10_000)[0]
+    for name, (policy, history) in policies.items():
+        t0 = time.time()
+        res = rollout(policy, env, seeds, history=history, policy_seeds=[s + 1 for s in seeds])
+        row = summarize(res, info.mode_names)
+        row["steps_per_s"] = round(sum(r.steps for r in res) / (time.time() - t0), 1)
+        multi = rollout(policy, env, [start] * args.mode_rollouts, history=history,
+                        policy_seeds=list(range(args.mode_rollouts)))
+        row["one_start_modes"] = summarize(multi, info.mode_names)["modes"]
+        row["one_start_success_rate"] = summarize(multi, info.mode_names)["success_rate"]
+        [shown] = rollout(policy, env, [start], history=history, policy_seeds=[0], record=True)
+        gif = RESULTS / f"actions_{env}_{name}.gif"
+        write_rollout_gif(shown.frames, gif, fps=10 // args.gif_every, every=args.gif_every, max_side=200)
+        row["gif"] = str(gif.relative_to(ROOT))
+        log["policies"].setdefault(env, {})[name] = row
+        print(f"  {env} {name}: {json.dumps(row)}", flush=True)
+        save(log, args)
+
+
+def save(log: dict, args: argparse.Namespace) -> None:
+    atomic_write_text(Path(args.out), json.dumps(log, indent=1, default=float))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=["mountain_car", "pusht"])
+    p.add_argument("--runs", default="runs/bench_actions")
+    p.add_argument("--out", default=str(RESULTS / "actions.json"))
+    p.add_argument("--mode-rollouts", type=int, default=16)
+    p.add_argument("--skip-vqbet", action="store_true")
+    p.add_argument("--pusht-episodes", type=int, default=100)
+    p.add_argument("--pusht-eval", type=int, default=20)
+    p.add_argument("--pusht-steps", type=int, default=3000)
+    p.add_argument("--mc-steps", type=int, default=1000)
+    args = p.parse_args()
+    args.episodes = {"pusht": args.pusht_episodes, "mountain_car": 200}
+    args.eval_episodes = {"pusht": args.pusht_eval, "mountain_car": 50}
+    args.steps = {"pusht": args.pusht_steps, "mountain_car": args.mc_steps}
+    args.tokenizer_steps = {"pusht": args.pusht_steps, "mountain_car": args.mc_steps}
+    args.gif_every = 3
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    log: dict[str, Any] = {"command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
+                           "demos": {}, "training": {}, "policies": {}}
+    for env in args.envs:
+        print(f"== {env}", flush=True)
+        run_env(env, args, log)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
