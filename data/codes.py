@@ -3,7 +3,10 @@
 A code folder holds ``manifest.json`` and, per split, shards ``{split}-{index:05d}.npy`` (codes,
 ``uint16`` when the codebook has at most 65536 entries, else ``int32``; ``float16`` channel-last latents
 ``(n, *grid, dim)`` for a ``continuous`` code spec, e.g. a KL-VAE's posterior means) and, when the data has labels,
-``{split}-{index:05d}.labels.npy`` (int64). Shard ``i`` holds the split's items
+``{split}-{index:05d}.labels.npy`` (int64); for variable-length data (audio clips) also
+``{split}-{index:05d}.lengths.npy`` (int64): each item's original, unpadded length, so a decoder can
+cut its output back to it (``AudioCodec.decode(codes, length=...)``); items then carry ``"length"``.
+Shard ``i`` holds the split's items
 ``[i * shard_size, i * shard_size + count)``, so the shard index is a pure function of the data
 position: distributed ranks write disjoint shards and an interrupted run knows where to resume.
 
@@ -41,6 +44,7 @@ FLOAT16_MAX = 65504.0
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.npy$")
 _LABELS_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.labels\.npy$")
+_LENGTHS_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5,})\.lengths\.npy$")
 TOKENIZE_HINT = "python scripts/tokenize.py TOKENIZER.ckpt --out {folder}"
 
 
@@ -68,6 +72,10 @@ def shard_name(split: str, index: int) -> str:
 
 def labels_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.labels.npy"
+
+
+def lengths_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.lengths.npy"
 
 
 def continuous_dim(code_spec: Mapping[str, Any]) -> int | None:
@@ -356,7 +364,8 @@ class CodeWriter:
         # The manifest itself may appear meanwhile: another rank creating the same folder.
         ours = (MANIFEST,)
         foreign = [p.name for p in self.folder.iterdir() if not (
-            p.name in ours or _SHARD_RE.match(p.name) or _LABELS_RE.match(p.name) or p.name.endswith(".tmp"))]
+            p.name in ours or _SHARD_RE.match(p.name) or _LABELS_RE.match(p.name) or _LENGTHS_RE.match(p.name)
+            or p.name.endswith(".tmp"))]
         if foreign:
             raise CodeFileError(
                 f"{self.folder} is not empty and is not a code folder (no {MANIFEST}; it holds e.g. "
@@ -396,6 +405,9 @@ class CodeWriter:
             labels = _open_npy(lpath)
             entry.update(labels=lpath.name, labels_sha256=sha256_file(lpath),
                          max_label=int(labels.max()) if len(labels) else None)
+        npath = self.folder / lengths_name(split, index)
+        if npath.is_file():  # variable-length items: their original lengths
+            entry.update(lengths=npath.name, lengths_sha256=sha256_file(npath))
         return entry
 
     def _scan(self) -> dict[str, dict[int, dict[str, Any]]]:
@@ -435,9 +447,9 @@ class CodeWriter:
         return manifest
 
     # writing -------------------------------------------------------------------------------------
-    def write_shard(self, split: str, index: int, codes: Any, labels: Any = None) -> Path:
+    def write_shard(self, split: str, index: int, codes: Any, labels: Any = None, lengths: Any = None) -> Path:
         """Write shard ``index`` of ``split`` (codes ``(n, *sample_shape)``, or ``{level: codes}`` for a
-        hierarchical spec, packed here; labels ``(n,)``) atomically."""
+        hierarchical spec, packed here; labels ``(n,)``; lengths ``(n,)``: each item's unpadded length) atomically."""
         self._check_split(split)
         if isinstance(codes, Mapping):
             codes = pack_levels(codes, self.code_spec)
@@ -466,6 +478,12 @@ class CodeWriter:
                                     f"got {labels.dtype} {labels.shape}")
             # Labels first, codes last: the codes file's existence marks the shard complete.
             _save_npy(self.folder / labels_name(split, index), np.ascontiguousarray(labels, dtype=np.int64))
+        if lengths is not None:
+            lengths = _to_numpy(lengths)
+            if lengths.shape != (n,) or lengths.dtype.kind not in "iu" or (n and lengths.min() < 0):
+                raise CodeFileError(f"lengths must be non-negative integers of shape ({n},), "
+                                    f"got {lengths.dtype} {lengths.shape}")
+            _save_npy(self.folder / lengths_name(split, index), np.ascontiguousarray(lengths, dtype=np.int64))
         _save_npy(self.folder / shard_name(split, index), np.ascontiguousarray(codes, dtype=self.dtype))
         self._entries.setdefault(split, {})[index] = self._describe(split, index)
         self._write_manifest(complete=False)
@@ -490,8 +508,9 @@ class CodeWriter:
             if short:
                 raise CodeFileError(f"{self.folder}: split {split!r} shards {short[:10]} hold fewer than "
                                     f"shard_size={self.shard_size} items but are not the last shard")
-            if len({shards[i]["labels"] is None for i in indices}) > 1:
-                raise CodeFileError(f"{self.folder}: split {split!r} has labels for some shards only")
+            for part in ("labels", "lengths"):
+                if len({shards[i].get(part) is None for i in indices}) > 1:
+                    raise CodeFileError(f"{self.folder}: split {split!r} has {part} for some shards only")
         return self._write_manifest(complete=True)
 
 
@@ -506,7 +525,8 @@ class CodeDataset(Dataset):
     """All shards of one split, memory-mapped and indexed as one sequence.
 
     Items are ``{"codes": LongTensor (*grid[, depth]), "label": LongTensor ()}`` (``label`` when the
-    split has labels). Every shard is checked on opening: against the manifest (count, shape, dtype;
+    split has labels; ``"length"``, the item's original length, when it has lengths). Every shard is
+    checked on opening: against the manifest (count, shape, dtype;
     its SHA-256 unless ``verify=False``) and for its value range (codes inside the codebook, labels
     inside ``num_classes``), so a corrupt, hostile or mismatched file fails here with its name
     rather than as a wrong batch mid-training. A verified shard's result is cached per user (keyed
@@ -530,6 +550,7 @@ class CodeDataset(Dataset):
         if len(with_labels) > 1:
             raise CodeFileError(f"{self.folder / MANIFEST}: split {split!r} has labels for some shards only")
         self.has_labels = with_labels == {True}
+        self.has_lengths = all(e.get("lengths") for e in self._shards) and bool(self._shards)
         counts = [int(e["count"]) for e in self._shards]
         if sum(counts) != int(info["count"]):
             raise CodeFileError(f"{self.folder / MANIFEST}: split {split!r} count {info['count']} is not the "
@@ -611,7 +632,26 @@ class CodeDataset(Dataset):
             batch["codes"] = unpack_levels(batch["codes"], self.manifest["code_spec"])
         if labels is not None:
             batch["label"] = torch.from_numpy(labels)
+        if self.has_lengths:
+            batch["length"] = torch.from_numpy(self._lengths()[idx])
         return batch
+
+    def _lengths(self) -> np.ndarray:
+        """Every item's original length (read once: one int64 per item), checked against the manifest."""
+        if getattr(self, "_all_lengths", None) is None:
+            parts = []
+            for entry in self._shards:
+                path = _inside(self.folder, entry["lengths"])
+                if entry.get("lengths_sha256") and sha256_file(path) != entry["lengths_sha256"]:
+                    raise CodeFileError(f"lengths {path} do not match their SHA-256 in the manifest (corrupt or "
+                                        "changed); re-run the tokenize command into a new --out")
+                lengths = np.load(path, allow_pickle=False)
+                if lengths.dtype != np.int64 or lengths.shape != (int(entry["count"]),):
+                    raise CodeFileError(f"lengths {path} hold {lengths.dtype} {lengths.shape}, expected "
+                                        f"int64 ({entry['count']},)")
+                parts.append(lengths)
+            self._all_lengths = np.concatenate(parts)
+        return self._all_lengths
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

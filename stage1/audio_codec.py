@@ -113,6 +113,20 @@ class AudioCodec(QuantizedAutoencoder):
             lengths = torch.full((len(x),), x.shape[-1], dtype=torch.long, device=x.device)
         return {"codes": self.encode(x), "length": lengths}
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Tokenizing (``scripts/tokenize.py``): the base's codes/index/label plus each clip's original
+        length, which the code writer stores beside the codes (``{split}-{shard}.lengths.npy``)."""
+        out = super().predict_step(batch, batch_idx, dataloader_idx)
+        if "length" in batch:
+            out["length"] = batch["length"]
+        return out
+
+    def decode_clips(self, codes: Tensor, lengths: Tensor, levels: int | None = None) -> list[Tensor]:
+        """Codes of tokenized clips and their recorded lengths -> one ``(1, length)`` waveform per clip,
+        each exactly its original length (e.g. a code folder's items: ``item["codes"]``, ``item["length"]``)."""
+        x = self.decode(codes, levels=levels)
+        return [clip[..., : int(n)] for clip, n in zip(x, lengths.reshape(-1).tolist())]
+
     # ------------------------------------------------------------------------------------- losses
     def reconstruction_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
         """The weighted waveform + spectral objective (what ``val/rec_loss`` reports)."""

@@ -291,6 +291,49 @@ def test_codec_to_prior_to_wav_end_to_end(audio_run, audio_prior, tmp_path):
     assert rate == 16000 and data.shape == (10240,) and np.abs(data).max() <= 1.0
 
 
+def test_code_files_store_each_items_original_length(tmp_path):
+    from data.codes import CodeDataset, CodeFileError, CodesDataModule, CodeWriter
+
+    spec = {"modality": "audio", "grid": [4], "depth": 2, "codebook_size": 8}
+    writer = CodeWriter(tmp_path / "codes", spec, tokenizer_path="t.ckpt", tokenizer_sha256="0", shard_size=2)
+    codes = torch.randint(0, 8, (3, 4, 2))
+    writer.write_shard("train", 0, codes[:2], lengths=torch.tensor([1001, 64]))
+    writer.write_shard("train", 1, codes[2:], lengths=torch.tensor([7]))
+    with pytest.raises(CodeFileError, match="lengths must be"):
+        writer.write_shard("val", 0, codes[:2], lengths=torch.tensor([3]))
+    manifest = writer.finalize()
+    assert [e["lengths"] for e in manifest["splits"]["train"]["shards"]] == ["train-00000.lengths.npy",
+                                                                           "train-00001.lengths.npy"]
+    ds = CodeDataset(tmp_path / "codes", "train")
+    assert ds[2]["length"] == 7 and torch.equal(ds[0]["codes"], codes[0])
+    batch = next(iter(CodesDataModule(str(tmp_path / "codes"), batch_size=3).train_dataloader()))
+    assert sorted(batch["length"].tolist()) == [7, 64, 1001]
+
+
+def test_tokenize_records_clip_lengths_and_decode_restores_an_odd_length(audio_run):
+    """scripts/tokenize.py writes each clip's unpadded length; decoding with it gives exactly that length."""
+    from data.codes import CodeDataset
+    from stage1 import load_tokenizer
+
+    ckpt, codes = audio_run
+    codec = load_tokenizer(ckpt).eval()
+    dm = AudioDataModule(**{k: v for k, v in TINY.items() if k != "num_voices"}, num_voices=3, num_val_voices=1)
+    for split in ("train", "val"):
+        ds, real = CodeDataset(codes, split), dm.split_dataset(split)
+        items, clips = ds.__getitems__(list(range(len(ds)))), real.__getitems__(list(range(len(real))))
+        assert torch.equal(items["length"], clips["length"])  # the voiced length, not the padded 10240
+    odd = int(torch.nonzero(items["length"] % 2 == 1)[0])
+    n = int(items["length"][odd])
+    assert n % 2 == 1 and n < 10240 and n % codec.hop != 0
+    (clip,) = codec.decode_clips(items["codes"][odd: odd + 1], items["length"][odd: odd + 1])
+    assert clip.shape == (1, n)
+    torch.testing.assert_close(clip, codec.decode(items["codes"][odd: odd + 1], length=n)[0])
+    # the unpadded clip alone round-trips tokenize_clips -> decode to its length too
+    alone = clips["x"][odd: odd + 1, :, :n]
+    out = codec.tokenize_clips(alone)
+    assert codec.decode(out["codes"], length=out["length"]).shape == (1, 1, n)
+
+
 def test_evaluate_an_audio_codec_reports_audio_metrics(audio_run, tmp_path):
     from tokenforge.evaluate import main as evaluate
 

@@ -102,7 +102,7 @@ class ShardWriter(BasePredictionWriter):
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if not torch.equal(merged["index"], torch.arange(start, stop)):
             raise RuntimeError(f"shard {shard} of {split!r} received items out of order")
-        self.writer.write_shard(split, shard, merged["codes"], merged.get("label"))
+        self.writer.write_shard(split, shard, merged["codes"], merged.get("label"), merged.get("length"))
         self.written += 1
 
 
