@@ -22,7 +22,10 @@ step counts below; raise them with the flags). What it measures:
    classifier (NOT Inception: those numbers compare only with each other) and by that classifier's
    accuracy on the requested classes. GIVT is also sampled with DB-CFG, and its rejection sampler's
    acceptance rate is reported.
-4. **DB-CFG sweep**: the GIVT of step 3 sampled at each ``--cfg-sweep`` weight ``w``: the rejection
+4. **masked**: GIVT's MaskGIT-style variant (``configs/givt_maskgit.yaml``) on the same latents and a
+   discrete MaskGIT (``configs/maskgit.yaml``) on the VQ-VAE codes, same shape and steps as step 3,
+   sampled with ``--masked-steps`` parallel steps each, scored as in step 3.
+5. **DB-CFG sweep**: the GIVT of step 3 sampled at each ``--cfg-sweep`` weight ``w``: the rejection
    sampler's acceptance rate (accepted / proposals) and success rate (elements accepted within the
    proposal budget), domain FID and class accuracy.
 """
@@ -184,7 +187,7 @@ def sample_quality(prior_ckpt: Path, classifier: DomainClassifier, real: torch.T
     return out
 
 
-STAGES = ("beta", "single", "compare", "dbcfg")
+STAGES = ("beta", "single", "compare", "dbcfg", "masked")
 
 
 def main() -> None:
@@ -192,7 +195,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_givt")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="beta: the β table; single: GMM vs one Gaussian; compare: GIVT vs the VQ + AR prior "
-                        "(samples); dbcfg: DB-CFG acceptance and sample quality per --cfg-sweep weight")
+                        "(samples); dbcfg: DB-CFG acceptance and sample quality per --cfg-sweep weight; "
+                        "masked: masked GIVT vs a discrete MaskGIT over the VQ-VAE (samples)")
     p.add_argument("--betas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     p.add_argument("--ref-beta", type=float, default=1e-3, help="the β of the KL-VAE the other stages use")
     p.add_argument("--tok-steps", type=int, default=600)
@@ -202,6 +206,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--cfg", type=float, default=1.0, help="guidance weight of the guided rows of 'compare'")
     p.add_argument("--cfg-sweep", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="DB-CFG weights w")
+    p.add_argument("--masked-steps", type=int, default=16, help="parallel decoding steps of both masked priors")
     p.add_argument("--classifier", default="runs/domain/fashion_mnist.pt")
     args = p.parse_args()
     out = Path(args.out)
@@ -250,17 +255,19 @@ def main() -> None:
         save("single_gaussian", {**val_nll(single, codes_ref), "train_s": ssecs, "params": params(single),
                                  "mlp_ratio": ratio})
 
-    if "compare" not in args.stages and "dbcfg" not in args.stages:
+    if not {"compare", "dbcfg", "masked"} & set(args.stages):
         return
     classifier = domain_classifier(Path(args.classifier))
     results["classifier_test_accuracy"] = float(getattr(classifier, "test_accuracy", float("nan")) or math.nan)
     _, _, codes_ref, givt, _ = klvae_and_givt(args.ref_beta)
 
-    # 3. a discrete AR prior over a VQ-VAE of the same budgets, and sample quality of both
-    if "compare" in args.stages:
+    if {"compare", "masked"} & set(args.stages):  # the discrete side: a VQ-VAE of the KL-VAE's budget
         vq, vsecs = run("configs/vqvae.yaml", out, "vqvae", common_tok, args.tok_steps)
         vq_codes = out / "codes" / "vqvae"
         tokenize(vq, vq_codes, args.limit_train, args.limit_val)
+
+    # 3. a discrete AR prior over a VQ-VAE of the same budgets, and sample quality of both
+    if "compare" in args.stages:
         ar, asecs = run("configs/ar.yaml", out, "ar", [f"data.params.codes={vq_codes}", *common_prior, *PRIOR_SHAPE,
                                                        "model.params.positions=learned"], args.prior_steps)
         save("vqvae", {"train_s": vsecs, **tokenizer_quality(vq, val_x)})
@@ -274,7 +281,25 @@ def main() -> None:
                                                        cfg_scale=args.cfg),
         })
 
-    # 4. DB-CFG on the trained GIVT: the rejection sampler's acceptance and sample quality per weight w
+    # 4. masked GIVT vs a discrete MaskGIT over the VQ-VAE, same shape and steps, same decoding steps
+    if "masked" in args.stages:
+        mgivt, msecs = run("configs/givt_maskgit.yaml", out, f"givt_maskgit_b{args.ref_beta:g}",
+                           [f"data.params.codes={codes_ref}", *common_prior, *PRIOR_SHAPE], args.prior_steps)
+        mg, gsecs = run("configs/maskgit.yaml", out, "maskgit", [f"data.params.codes={vq_codes}", *common_prior,
+                                                                 *PRIOR_SHAPE], args.prior_steps)
+        save("givt_maskgit", {**val_nll(mgivt, codes_ref), "train_s": msecs, "params": params(mgivt)})
+        save("maskgit", {**val_nll(mg, vq_codes), "train_s": gsecs, "params": params(mg)})
+        steps = {"steps": args.masked_steps}
+        save("masked_samples", {
+            "maskgit": sample_quality(mg, classifier, val_x, args.num_samples, **steps),
+            f"maskgit_cfg{args.cfg:g}": sample_quality(mg, classifier, val_x, args.num_samples, cfg_scale=args.cfg,
+                                                       **steps),
+            "givt_maskgit": sample_quality(mgivt, classifier, val_x, args.num_samples, **steps),
+            f"givt_maskgit_dbcfg{args.cfg:g}": sample_quality(mgivt, classifier, val_x, args.num_samples,
+                                                               cfg_scale=args.cfg, **steps),
+        })
+
+    # 5. DB-CFG on the trained GIVT: the rejection sampler's acceptance and sample quality per weight w
     if "dbcfg" in args.stages:
         save("dbcfg_sweep", {f"{w:g}": sample_quality(givt, classifier, val_x, args.num_samples, cfg_scale=w)
                              for w in args.cfg_sweep})
