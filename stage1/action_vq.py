@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from layers.instantiate import instantiate
 from metrics.codebook import CodebookUsage
 from stage1.modalities import get_modality
-from stage1.modalities.actions import chunk_loss
+from stage1.modalities.actions import chunk_loss, env_dims
 from stage1.quantizers.base import Quantizer, QuantizerOutput
 from stage1.tokenizer import Tokenizer
 
@@ -89,13 +89,18 @@ class Standardizer(nn.Module):
 
 
 class ActionVQ(Tokenizer):
-    """MLP encoder -> (residual) quantizer -> MLP decoder over action chunks ``(B, chunk, action_dim)``."""
+    """MLP encoder -> (residual) quantizer -> MLP decoder over action chunks ``(B, chunk, action_dim)``.
+
+    ``action_dim`` may be left out when ``env`` names a task of :mod:`data.actions` (configs pass
+    ``${data.params.env}``, so switching the task is one data override).
+    """
 
     def __init__(
         self,
         chunk: int,
-        action_dim: int,
         quantizer: dict[str, Any],
+        action_dim: int | None = None,
+        env: str | None = None,
         embed_dim: int = 64,
         hidden_dim: int = 128,
         hidden_layers: int = 2,
@@ -109,6 +114,10 @@ class ActionVQ(Tokenizer):
         super().__init__()
         self.save_hyperparameters()
         chunk_loss(torch.zeros(1), torch.zeros(1), rec_loss)  # refuses an unknown loss name now
+        if action_dim is None:
+            if env is None:
+                raise ValueError("give model.params.action_dim, or env (e.g. ${data.params.env}) to read it from")
+            action_dim = env_dims(env)[1]
         self.chunk, self.action_dim = int(chunk), int(action_dim)
         self.encoder = mlp(self.chunk * self.action_dim, hidden_dim, embed_dim, hidden_layers)
         self.decoder = mlp(embed_dim, hidden_dim, self.chunk * self.action_dim, hidden_layers)

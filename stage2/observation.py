@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from stage1.action_vq import Standardizer, statistics_of
+from stage1.modalities.actions import env_dims
 from stage2.prior import Prior
 
 
@@ -53,8 +54,12 @@ class ObservationContext(nn.Module):
 class ObservationPrior(Prior):
     """A prior over action-chunk codes given the observation history (see the module docstring)."""
 
-    def __init__(self, obs_dim: int, history: int, **prior: Any) -> None:
+    def __init__(self, history: int, obs_dim: int | None = None, env: str | None = None, **prior: Any) -> None:
         super().__init__(**prior)
+        if obs_dim is None:
+            if env is None:
+                raise ValueError("give model.params.obs_dim, or env (e.g. ${data.params.env}) to read it from")
+            obs_dim = env_dims(env)[0]
         layout = self.code_spec.get("layout") or {}
         if "chunk" not in layout or "action_dim" not in layout:
             raise ValueError("an observation prior models action-chunk codes: its tokenizer's code spec needs "

@@ -22,8 +22,9 @@ from stage2.transformer_prior import init_gpt_weights
 class ObservationARPrior(ARPrior, ObservationPrior):
     """:class:`ARPrior` over action-chunk codes with an observation-history context (module docstring)."""
 
-    def __init__(self, obs_dim: int, history: int, context_hidden: int | None = None, **prior: Any) -> None:
-        super().__init__(obs_dim=obs_dim, history=history, **prior)
+    def __init__(self, history: int, obs_dim: int | None = None, env: str | None = None,
+                 context_hidden: int | None = None, **prior: Any) -> None:
+        super().__init__(history=history, obs_dim=obs_dim, env=env, **prior)
         if self.context_level is not None:
             raise ValueError("an observation-conditioned AR prior takes its context from the observations; "
                              "drop context_level")

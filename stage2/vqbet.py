@@ -72,8 +72,9 @@ class VQBeT(TransformerPrior, ObservationPrior):
 
     def __init__(
         self,
-        obs_dim: int,
         history: int,
+        obs_dim: int | None = None,
+        env: str | None = None,
         head_hidden: int = 256,
         head_layers: int = 2,
         gamma: float = 2.0,
@@ -85,7 +86,7 @@ class VQBeT(TransformerPrior, ObservationPrior):
         positions: str = "learned",
         **prior: Any,
     ) -> None:
-        super().__init__(obs_dim=obs_dim, history=history, positions=positions, **prior)
+        super().__init__(history=history, obs_dim=obs_dim, env=env, positions=positions, **prior)
         if offset_codes not in ("sampled", "true"):
             raise ValueError(f"offset_codes must be 'sampled' (official) or 'true', got {offset_codes!r}")
         self.levels = self.code_depth or 1

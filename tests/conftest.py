@@ -90,3 +90,13 @@ def vqvae2_and_codes(tmp_path_factory):
     codes = root / "codes"
     tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
     return ckpt, codes
+
+
+@pytest.fixture(scope="session")
+def action_tokenizer(tmp_path_factory):
+    """A tiny behaviour tokenizer (configs/smoke/action_vq.yaml: MountainCar chunks) for action policies."""
+    from helpers import CONFIGS, train
+
+    root = tmp_path_factory.mktemp("actions")
+    train(CONFIGS / "smoke" / "action_vq.yaml", root / "runs", ["trainer.max_steps=10"], name="tok")
+    return root / "runs" / "tok" / "checkpoints" / "last.ckpt"

@@ -17,7 +17,7 @@ def test_every_config_has_a_smoke_twin():
 
 
 def _needed_overrides(name: str, request) -> list[str]:
-    """Fill the config's required inputs (`???`): an image folder or a code folder."""
+    """Fill the config's required inputs (`???`): an image folder, a code folder or a tokenizer checkpoint."""
     raw = OmegaConf.load(CONFIGS / "smoke" / f"{name}.yaml")
     params = raw.data.get("params", {})
     overrides = []
@@ -30,6 +30,10 @@ def _needed_overrides(name: str, request) -> list[str]:
         overrides.append(f"data.params.codes={codes}")
     if "root" in params.keys() and OmegaConf.is_missing(params, "root"):
         overrides.append(f"data.params.root={request.getfixturevalue('shapes_folder')}")
+    model_params = raw.model.get("params", {})
+    if "tokenizer" in model_params.keys() and OmegaConf.is_missing(model_params, "tokenizer"):
+        # policies over a frozen behaviour tokenizer (VQ-BeT, the observation-conditioned AR prior)
+        overrides.append(f"model.params.tokenizer={request.getfixturevalue('action_tokenizer')}")
     return overrides
 
 

@@ -27,6 +27,15 @@ MAX_PLOTTED = 16
 LOSSES = ("l1", "l2", "mse")
 
 
+def env_dims(env: str) -> tuple[int, int]:
+    """``(obs_dim, act_dim)`` of a task of :mod:`data.actions` (``mountain_car``, ``pusht``), so configs
+    can size a model by naming the environment its DataModule loads."""
+    from data.action_envs import env_info
+
+    info = env_info(env)
+    return int(info.obs_dim), int(info.act_dim)
+
+
 def chunk_loss(x: Tensor, xrec: Tensor, kind: str = "l1") -> Tensor:
     """Reconstruction loss of action chunks: ``"l1"`` (mean absolute error) or ``"l2"``/``"mse"``."""
     if kind not in LOSSES:
