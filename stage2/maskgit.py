@@ -18,10 +18,13 @@ grid coordinates (and depth level, for residual codes).
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +38,42 @@ from stage2.transformer_prior import TransformerPrior, init_gpt_weights
 
 # logits_fn(tokens (B, N) with mask ids, step t) -> logits (B, N, V) over the V real codes.
 LogitsFn = Callable[[Tensor, int], Tensor]
+
+
+def keep_rows(text: str) -> str:
+    """Parse ``--keep``: half-open ranges of the first grid axis, ``"0:8,24:32"`` (a bare ``"3"`` is row 3);
+    returned as given (it is recorded in ``samples.json``), rejected here when malformed."""
+    try:
+        ranges = [_row_range(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ranges such as 0:8,24:32, got {text!r}") from None
+    if any(a < 0 or b <= a for a, b in ranges):
+        raise argparse.ArgumentTypeError(f"each range start:stop needs 0 <= start < stop, got {text!r}")
+    return text
+
+
+def _row_range(part: str) -> tuple[int, int]:
+    a, _, b = part.strip().partition(":")
+    return (int(a), int(b)) if b else (int(a), int(a) + 1)
+
+
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def infill_init(codes: Tensor, keep: str, n: int, mask_id: int) -> Tensor:
+    """``n`` infilling starts from ``codes`` ``(m, *grid[, depth])`` (item ``i % m`` for sample ``i``):
+    the grid rows (first axis) that ``keep`` names stay, every other code becomes ``mask_id``."""
+    rows = torch.zeros(codes.shape[1], dtype=torch.bool)
+    for a, b in (_row_range(part) for part in keep_rows(keep).split(",")):
+        if b > codes.shape[1]:
+            raise ValueError(f"keep range {a}:{b} leaves the code grid's first axis of {codes.shape[1]} rows")
+        rows[a:b] = True
+    init = codes[torch.arange(n) % len(codes)].long().clone()
+    init[:, ~rows] = mask_id
+    return init
 
 
 def mask_counts(r: Tensor, length: int, schedule: str = "cosine") -> Tensor:
@@ -180,6 +219,10 @@ class MaskGITPrior(TransformerPrior):
         SamplingOption("choice_temperature", non_negative_float, 4.5, "Gumbel noise on the confidences (to 0)"),
         SamplingOption("cfg_ramp", bool, False, "raise the guidance scale linearly over the steps"),
         SamplingOption("schedule", str, None, "mask schedule for decoding (default: the training one)"),
+        SamplingOption("infill", existing_file, None, "infilling: a .npy of codes (m, *grid), e.g. a code shard "
+                       "or a sample's codes.npy; sample i starts from item i %% m of each batch, --keep rows fixed"),
+        SamplingOption("keep", keep_rows, None, "with --infill: the grid rows (first axis) kept, as ranges "
+                       "start:stop[,start:stop] (music_vq: 4 codes per bar, so 0:8 keeps bars 1-2)"),
     )
 
     def __init__(self, positions: str = "learned", mask_schedule: str = "cosine", label_smoothing: float = 0.1,
@@ -255,11 +298,15 @@ class MaskGITPrior(TransformerPrior):
         generator: torch.Generator | None = None,
         context: Tensor | None = None,
         init: Tensor | None = None,
+        infill: str | Tensor | None = None,
+        keep: str | None = None,
     ) -> Tensor:
         """Sample ``n`` code grids ``(n, *grid[, depth])`` in ``steps`` parallel decoding steps.
 
         ``init``: infilling; codes shaped like a sample with ``self.mask_id`` where they are to be
-        filled (e.g. whole bars of music); the others stay exactly as given.
+        filled (e.g. whole bars of music); the others stay exactly as given. ``infill`` + ``keep``
+        build ``init`` (the command line's way, see :func:`infill_init`): codes ``(m, *grid[, depth])``
+        or a ``.npy`` file of them, and the grid rows to keep, e.g. ``"0:8"``.
 
         ``cond``: None (the null class), one class for all, or ``n`` classes. ``cfg_scale`` guides as
         ``cond + s * (cond - uncond)`` with both branches in one batched forward (needs ``cond``;
@@ -270,6 +317,16 @@ class MaskGITPrior(TransformerPrior):
         """
         schedule = schedule or self.mask_schedule
         get_schedule(schedule)
+        if (infill is None) != (keep is None) or (infill is not None and init is not None):
+            raise ValueError("infilling needs both infill (codes) and keep (rows), and not init as well")
+        if infill is not None:
+            codes = torch.from_numpy(np.load(infill).astype(np.int64)) if isinstance(infill, str) else infill
+            shape = (*self.grid, *([self.code_depth] if self.code_depth else []))
+            if tuple(codes.shape[1:]) != shape or int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size:
+                raise ValueError(f"infill codes {tuple(codes.shape)} in [{int(codes.min())}, {int(codes.max())}] "
+                                 f"do not fit this prior: (m, {', '.join(map(str, shape))}) in "
+                                 f"[0, {self.codebook_size})")
+            init = infill_init(codes, keep, n, self.mask_id)
         labels, guided = self.guidance_labels(n, cond, cfg_scale)
 
         def logits_fn(tokens: Tensor, step: int) -> Tensor:

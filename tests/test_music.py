@@ -360,14 +360,22 @@ def test_tiny_tokenizer_to_prior_to_midi_that_music21_reads_back(music_tokenizer
         assert back.shape[1] == len(sounding) and np.array_equal(back, grid[:len(back), sounding])
 
 
-def test_maskgit_infilling_never_changes_the_fixed_bars(music_tokenizer_and_codes, tmp_path):
+@pytest.fixture(scope="module")
+def music_maskgit(music_tokenizer_and_codes, tmp_path_factory):
     from helpers import CONFIGS, train
+
+    _, codes = music_tokenizer_and_codes
+    root = tmp_path_factory.mktemp("maskgit")
+    train(CONFIGS / "smoke" / "music_maskgit.yaml", root, [f"data.params.codes={codes}", "trainer.max_steps=6",
+                                                         "trainer.val_check_interval=6"])
+    return root / "music_maskgit" / "checkpoints" / "last.ckpt"
+
+
+def test_maskgit_infilling_never_changes_the_fixed_bars(music_tokenizer_and_codes, music_maskgit):
     from stage2.prior import load_prior
 
     _, codes = music_tokenizer_and_codes
-    train(CONFIGS / "smoke" / "music_maskgit.yaml", tmp_path, [f"data.params.codes={codes}", "trainer.max_steps=6",
-                                                             "trainer.val_check_interval=6"])
-    prior = load_prior(tmp_path / "music_maskgit" / "checkpoints" / "last.ckpt")
+    prior = load_prior(music_maskgit)
     real = torch.from_numpy(np.load(codes / "train-00000.npy")[:3]).long()
     init = real.clone()
     init[:, 4:] = prior.mask_id  # keep bar 1 (codes 0..3), fill bar 2
@@ -377,6 +385,37 @@ def test_maskgit_infilling_never_changes_the_fixed_bars(music_tokenizer_and_code
     init[:, :4] = prior.mask_id  # and the other way round
     filled = prior.sample(3, init=init, steps=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(filled[:, 4:], real[:, 4:])
+
+
+def test_sample_infill_keeps_the_chosen_bars_and_writes_midi(music_tokenizer_and_codes, music_maskgit, tmp_path):
+    import argparse
+    import json
+
+    from stage2.maskgit import keep_rows
+    from tokenforge.sample import main as sample
+
+    _, codes = music_tokenizer_and_codes
+    ckpt = str(music_maskgit)
+    real = np.load(codes / "val-00000.npy")[:2]
+    out = sample([ckpt, "-n", "3", "--steps", "3", "--infill", str(codes / "val-00000.npy"), "--keep", "4:8",
+                  "--out", str(tmp_path / "filled")])  # keep bar 2 (codes 4..7), fill bar 1
+    filled = np.load(out / "codes.npy")
+    source = np.load(codes / "val-00000.npy")
+    assert np.array_equal(filled[:, 4:8], source[np.arange(3) % len(source), 4:8])
+    assert (filled[:, :4] != source[np.arange(3) % len(source), :4]).any(), "bar 1 was sampled, not copied"
+    assert (out / "sample_002.mid").is_file()
+    record = json.loads((out / "samples.json").read_text())
+    assert record["sampling"]["keep"] == "4:8" and record["sampling"]["infill"].endswith("val-00000.npy")
+    both = sample([ckpt, "-n", "2", "--steps", "2", "--infill", str(codes / "val-00000.npy"), "--keep", "0:2,6:8"])
+    kept = np.load(both / "codes.npy")
+    assert np.array_equal(kept[:, [0, 1, 6, 7]], real[:, [0, 1, 6, 7]]) and "infillval-00000.npy" in both.name
+    for bad in ("3:1", "a:b", "-1:2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            keep_rows(bad)
+    with pytest.raises(ValueError, match="leaves the code grid"):
+        sample([ckpt, "-n", "1", "--infill", str(codes / "val-00000.npy"), "--keep", "0:9", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="both infill"):
+        sample([ckpt, "-n", "1", "--keep", "0:4", "--out", str(tmp_path / "x")])
 
 
 def test_evaluate_a_music_tokenizer_reports_note_accuracy_usage_and_perplexity(music_tokenizer_and_codes, tmp_path):

@@ -55,7 +55,8 @@ def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
     parts = [f"n{args.num}"]
     if args.classes is not None:
         parts.append("class" + "-".join(map(str, args.classes)))
-    parts += [f"{k}{v}" for k, v in sorted(kwargs.items())]
+    # a value may be a path (MaskGIT's --infill): its file name, not its folders, goes into the folder name
+    parts += [f"{k}{Path(v).name if isinstance(v, str) and '/' in v else v}" for k, v in sorted(kwargs.items())]
     parts.append(f"seed{args.seed}")
     return Path(args.checkpoint[-1]).resolve().parent.parent / "samples" / "_".join(parts)
 
