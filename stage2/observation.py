@@ -113,7 +113,27 @@ class ObservationPrior(Prior):
         obs = torch.as_tensor(np.asarray(obs_history, dtype=np.float32))[None]
         return self.act(obs, **sampling)[0].cpu().numpy().astype(np.float32)
 
+    def as_policy(self, **sampling: Any) -> SeededPolicy:
+        """A rollout policy with these sampling options whose draws restart from ``reset(seed)``."""
+        return SeededPolicy(self, **sampling)
+
     def attach_tokenizer(self, tokenizer: Any) -> None:
         """Use an already loaded tokenizer (e.g. from :func:`tokenforge.runs.open_run`) instead of the
         recorded path."""
         self._frozen[:] = [tokenizer.eval().requires_grad_(False)]
+
+
+class SeededPolicy:
+    """``policy(obs_history) -> chunk`` of an :class:`ObservationPrior` with fixed sampling options and a
+    generator that :func:`data.actions.rollout` re-seeds per episode (``reset(seed)``), so sampled
+    rollouts repeat and different policy seeds from one start state show the modes the policy keeps."""
+
+    def __init__(self, model: ObservationPrior, **sampling: Any) -> None:
+        self.model, self.sampling = model, sampling
+        self.generator = torch.Generator(device=model.device)
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(int(seed))
+
+    def __call__(self, obs_history: np.ndarray) -> np.ndarray:
+        return self.model.policy(obs_history, generator=self.generator, **self.sampling)

@@ -231,3 +231,36 @@ def test_observation_ar_prior_conditions_on_observations_and_learns(tokenizer_pa
     assert not torch.allclose(logits, other), "the observations must change the code logits"
     assert model.sample(4, context=obs, temperature=0.0).shape == (4, 1, 2)
     assert model.policy(obs[0].numpy(), temperature=0.0).shape == (CHUNK, ACT)
+
+
+# --- with the real demonstrations and environment (data.actions) -------------------------------------
+def test_policies_train_on_demonstrations_and_roll_out_in_the_environment(tmp_path):
+    """Lightning fits on MountainCar chunks (the DataModule's statistics land in the checkpoint's
+    buffers), then both policies run closed-loop in the environment for a few steps."""
+    import pytorch_lightning as pl
+
+    from data.actions import ActionChunkDataModule, heldout_seeds, rollout
+    from stage2.observation_ar import ObservationARPrior
+
+    def datamodule():
+        return ActionChunkDataModule(env="mountain_car", num_episodes=4, seed=0, history=2, chunk=4, batch_size=32,
+                                     cache_dir=str(tmp_path / "cache"), progress=False)
+
+    def fit_steps(model, steps):
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+        trainer.fit(model, datamodule=datamodule())
+
+    torch.manual_seed(0)
+    tok = ActionVQ(chunk=4, env="mountain_car", quantizer=residual_spec(4), embed_dim=8, hidden_dim=16)
+    fit_steps(tok, 3)
+    stats = datamodule().stats
+    assert torch.allclose(tok.actions.std, torch.as_tensor(stats["actions"]["std"]).float())
+    tok_path = save_checkpoint(tok.eval(), tmp_path / "tok.ckpt")
+    common = dict(env="mountain_car", history=2, tokenizer=tok_path, dim=16, depth=1, heads=2, warmup_steps=0)
+    for model in (VQBeT(head_hidden=16, **common), ObservationARPrior(**common)):
+        fit_steps(model, 3)
+        assert torch.allclose(model.observations.mean, torch.as_tensor(stats["obs"]["mean"]).float())
+        [result] = rollout(model.as_policy(temperature=1.0), "mountain_car", heldout_seeds(1), max_steps=10,
+                           history=2)
+        assert result.steps == 10 and result.actions.shape == (10, 1) and np.isfinite(result.actions).all()
