@@ -264,3 +264,28 @@ def test_policies_train_on_demonstrations_and_roll_out_in_the_environment(tmp_pa
         [result] = rollout(model.as_policy(temperature=1.0), "mountain_car", heldout_seeds(1), max_steps=10,
                            history=2)
         assert result.steps == 10 and result.actions.shape == (10, 1) and np.isfinite(result.actions).all()
+
+
+@pytest.mark.parametrize("quantizer", [
+    {"target": "stage1.quantizers.fsq.FSQ", "params": {"levels": [5, 3]}},
+    {"target": "stage1.quantizers.residual.ResidualQuantizer",
+     "params": {"depth": 2, "level_scale": 2.0,
+                "quantizer": {"target": "stage1.quantizers.lfq.LFQ", "params": {"bits": 3}}}},
+])
+def test_any_zoo_quantizer_tokenizes_chunks_for_vqbet(quantizer, tmp_path):
+    """A flat quantizer (FSQ: one code per chunk) or another residual one (LFQ levels) behind the same
+    tokenizer, and VQ-BeT over its codes (one head for flat codes)."""
+    torch.manual_seed(0)
+    tok = ActionVQ(chunk=CHUNK, action_dim=ACT, quantizer=quantizer, embed_dim=2 if "fsq" in quantizer["target"]
+                   else 3, hidden_dim=16)
+    x = bimodal_batch(8, seed=1)["actions"]
+    xrec, q = tok(x)
+    xrec.square().mean().backward()  # gradients reach the encoder through the quantizer
+    assert tok.encoder[0].weight.grad.abs().sum() > 0
+    codes = tok.encode(x)
+    depth = tok.code_spec["depth"]
+    assert codes.shape == ((8, 1) if depth is None else (8, 1, depth))
+    model = vqbet(save_checkpoint(tok.eval(), tmp_path / "tok.ckpt"))
+    assert len(model.code_heads) == (depth or 1)
+    fit(model, 2)
+    assert model.predict_chunks(bimodal_batch(4, seed=2)["obs"], temperature=0.0).shape == (4, CHUNK, ACT)
