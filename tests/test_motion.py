@@ -267,6 +267,28 @@ def test_reconstruction_metrics_are_zero_on_the_data_and_measure_a_height_shift_
     assert positions_of(x).shape == (3, 12, len(JOINT_NAMES), 3)
 
 
+def test_sample_metrics_score_real_windows_as_a_perfect_generator(tmp_path):
+    from metrics.motion import train_motion_classifier
+    from stage1.modalities.motion import MotionSamples
+
+    x, y = (torch.from_numpy(a) for a in synthesize_windows(12, window=16, seed=2, clips=SMALL_CLIPS))
+    x = x.transpose(1, 2).contiguous()
+    plain = MotionSamples({})
+    plain.update(real=x, labels=y)
+    plain.update(fake=x, labels=y)
+    out = plain.compute()
+    assert out["kinematic_fd"] < 1e-3 and out["class_accuracy"] >= 0.6  # a nearest-class-mean template
+    assert out["foot_skating_ratio"] == pytest.approx(out["foot_skating_ratio_real"])
+    assert out["ground_penetration"] >= 0 and 0 <= out["foot_contact_rate"] <= 1
+    path = train_motion_classifier(x, y, num_classes=3, class_names=SMALL_CLIPS, epochs=2, width=16,
+                                   num_features=16).save(tmp_path / "clf.pt")
+    scored = MotionSamples({"classifier": str(path)})
+    scored.update(real=x, labels=y)
+    scored.update(fake=x, labels=y)
+    out = scored.compute()
+    assert out["clip_classifier_fid"] < 1e-3 and "multimodality" in out and "kinematic_fd" not in out
+
+
 # ---------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def motion_tokenizer_and_codes(tmp_path_factory):
@@ -315,6 +337,13 @@ def test_class_conditional_priors_sample_stick_figure_gifs(prior, flags, motion_
         assert f["joint_rotations"].shape == (1, 32, len(ROTATED_JOINTS), 4)
         assert f["class_names"].tolist()[0] == "backflip"
     assert (out / "motion.png").is_file() and np.load(out / "codes.npy").shape == (1, 8)
+    if prior == "motion_ar":  # the modality's sample metrics through evaluate
+        from tokenforge.evaluate import main as evaluate
+
+        res = evaluate([str(ckpt), "--num-samples", "6", "--out", str(tmp_path / "ev"), *flags])
+        for key in ("kinematic_fd", "class_accuracy", "foot_skating_ratio", "foot_skating_ratio_real",
+                    "ground_penetration"):
+            assert key in res, key
 
 
 def test_maskgit_inbetweening_keeps_the_first_and_last_codes(motion_tokenizer_and_codes, tmp_path):
