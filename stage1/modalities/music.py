@@ -25,6 +25,13 @@ from torch import Tensor
 
 from data.atomic import atomic_write_text
 from data.music import NUM_CLASSES, ONSET, decode_tokens, tokens_to_grid, write_midi, write_musicxml
+from metrics.music import (  # noqa: F401  (re-exported: the modality's sample metrics live in metrics.music)
+    note_density,
+    parallel_fraction,
+    pitch_class_histogram,
+    range_violations,
+    sample_statistics,
+)
 from stage1.modalities.base import Evaluator, Modality, save_figure_png
 
 MAX_SHOWN = 8
@@ -86,54 +93,6 @@ def render_wav(midi: Path, wav: Path, binary: str, sample_rate: int = 22050) -> 
     return wav
 
 
-# ------------------------------------------------------------------------------------------- metrics
-def pitch_class_histogram(grids: list[np.ndarray]) -> np.ndarray:
-    """Sounding steps per pitch class (C..B), normalised."""
-    counts = np.zeros(12)
-    for g in grids:
-        p = g % ONSET
-        counts += np.bincount(p[p > 0] % 12, minlength=12)
-    return counts / max(counts.sum(), 1)
-
-
-def note_density(grids: list[np.ndarray], steps_per_bar: int) -> float:
-    """Note onsets per voice per bar."""
-    onsets = sum(int((g >= ONSET).sum()) for g in grids)
-    bars_voices = sum(len(g) * g.shape[1] for g in grids) / steps_per_bar
-    return onsets / max(bars_voices, 1)
-
-
-def range_violations(grids: list[np.ndarray], lows: np.ndarray, highs: np.ndarray) -> float:
-    """The fraction of notes outside their voice's range (``lows[v]..highs[v]``)."""
-    outside = total = 0
-    for g in grids:
-        for v in range(g.shape[1]):
-            notes = g[:, v][g[:, v] >= ONSET] - ONSET
-            outside += int(((notes < lows[v]) | (notes > highs[v])).sum())
-            total += len(notes)
-    return outside / max(total, 1)
-
-
-def parallel_fraction(grids: list[np.ndarray]) -> tuple[float, int]:
-    """Of the steps where two sounding voices both move in the same direction, the fraction that
-    move from a perfect fifth or octave (interval mod 12 of 7 or 0) to the same interval class: the
-    parallel fifths and octaves of voice-leading rules. Returns ``(fraction, similar-motion count)``."""
-    parallels = moves = 0
-    for g in grids:
-        p = (g % ONSET).astype(np.int64)
-        for a in range(p.shape[1]):
-            for b in range(a + 1, p.shape[1]):
-                prev, cur = p[:-1], p[1:]
-                sounding = (prev[:, a] > 0) & (prev[:, b] > 0) & (cur[:, a] > 0) & (cur[:, b] > 0)
-                da, db = cur[:, a] - prev[:, a], cur[:, b] - prev[:, b]
-                similar = sounding & (da != 0) & (db != 0) & (np.sign(da) == np.sign(db))
-                before, after = (prev[:, a] - prev[:, b]) % 12, (cur[:, a] - cur[:, b]) % 12
-                perfect = similar & (before == after) & ((after == 7) | (after == 0))
-                parallels += int(perfect.sum())
-                moves += int(similar.sum())
-    return parallels / max(moves, 1), moves
-
-
 class MusicReconstruction(Evaluator):
     """``token_accuracy`` over every (voice, step) cell and ``note_accuracy`` over the cells where the
     original sounds (the exact token: pitch onset or hold); the rest of the grid is easy to get right."""
@@ -178,20 +137,6 @@ class MusicSamples(Evaluator):
 
     def compute(self) -> dict[str, Any]:
         return sample_statistics(self.real, self.fake, self.steps_per_bar)
-
-
-def sample_statistics(real: list[np.ndarray], fake: list[np.ndarray], steps_per_bar: int = 16) -> dict[str, float]:
-    """The sample metrics of :class:`MusicSamples` for lists of event grids."""
-    if not real or not fake:
-        return {}
-    pitch = np.concatenate(real) % ONSET
-    lows = np.array([pitch[:, v][pitch[:, v] > 0].min(initial=127) for v in range(pitch.shape[1])])
-    highs = np.array([pitch[:, v][pitch[:, v] > 0].max(initial=0) for v in range(pitch.shape[1])])
-    tv = 0.5 * float(np.abs(pitch_class_histogram(real) - pitch_class_histogram(fake)).sum())
-    return {"pitch_class_tv": tv,
-            "note_density": note_density(fake, steps_per_bar), "real_note_density": note_density(real, steps_per_bar),
-            "range_violations": range_violations(fake, lows, highs),
-            "parallel_fraction": parallel_fraction(fake)[0], "real_parallel_fraction": parallel_fraction(real)[0]}
 
 
 class MusicModality(Modality):
