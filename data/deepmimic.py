@@ -173,8 +173,9 @@ def join(a: Motion, b: Motion, transition: int) -> Motion:
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=pos.dtype)
 
     def pulled(q: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-        offset = quat_multiply(target, quat_conjugate(q[0])).expand_as(q)
-        return quat_multiply(quat_slerp(identity.expand_as(q), offset, weight), q)
+        head = q[:k]  # only the transition frames move
+        offset = quat_multiply(target, quat_conjugate(q[0])).expand_as(head)
+        return torch.cat((quat_multiply(quat_slerp(identity.expand_as(head), offset, weight[:k]), head), q[k:]))
 
     root_quat = pulled(b.root_quat, a.root_quat[-1], w)
     joint_quats = pulled(b.joint_quats, a.joint_quats[-1], w[:, None].expand(len(b), b.joint_quats.shape[1]))
