@@ -33,7 +33,10 @@ TOP_LEVEL_KEYS = {
     "seed": "the global random seed",
     "checkpoint_every_n_steps": "how often last.ckpt is refreshed (training steps)",
     "run": "free-form notes stored with the run (description, tags)",
+    "allow_tf32": "TF32 matmuls/convolutions on Ampere+ GPUs (default true; see tokenforge.acceleration)",
+    "fused_optimizer": "step Adam/AdamW with torch's fused kernel where supported (default true)",
 }
+BOOLEAN_TOP_LEVEL_KEYS = ("allow_tf32", "fused_optimizer")
 
 
 def _missing_path_message(cfg: DictConfig, path: str) -> str:
@@ -53,7 +56,8 @@ def _missing_path_message(cfg: DictConfig, path: str) -> str:
 
 
 def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """Apply ``key.path=value`` overrides; a new key is only accepted under ``params`` or ``trainer``."""
+    """Apply ``key.path=value`` overrides; a new key is only accepted under ``params`` or ``trainer``, or as
+    a known top-level key (e.g. ``allow_tf32=false``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -65,7 +69,7 @@ def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         # A new key is only allowed under a component's `params` or `trainer`, where the target's
         # signature validates it right after; anywhere else it is almost certainly a typo.
         if isinstance(node, DictConfig) and leaf not in node:
-            if not (parent.endswith("params") or parent == "trainer"):
+            if not (parent.endswith("params") or parent == "trainer" or (not parent and leaf in TOP_LEVEL_KEYS)):
                 valid = sorted(str(k) for k in node.keys())
                 close = difflib.get_close_matches(leaf, valid, n=3)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -175,8 +179,19 @@ def validate_config(cfg: DictConfig) -> None:
 
 def validate_plain(plain: Mapping[str, Any]) -> None:
     """The checks of :func:`validate_config` on a plain dict (as stored in a checkpoint)."""
+    from tokenforge.acceleration import split_runtime_params
+
     bases = section_bases()
-    check_spec_tree(plain["model"], "model", bases["model"])
+    model_spec, runtime = split_runtime_params(plain["model"])  # compile / channels_last: not constructor args
+    check_spec_tree(model_spec, "model", bases["model"])
+    if not isinstance(runtime.get("channels_last", False), bool):
+        raise ConfigError(f"model.params.channels_last must be true or false, got {runtime['channels_last']!r}")
+    if not isinstance(runtime.get("compile", False), (bool, str)):
+        raise ConfigError(f"model.params.compile must be true, false or a torch.compile backend name, "
+                          f"got {runtime['compile']!r}")
+    for key in BOOLEAN_TOP_LEVEL_KEYS:
+        if not isinstance(plain.get(key, True), bool):
+            raise ConfigError(f"{key} must be true or false, got {plain[key]!r}")
     check_spec_tree(plain["data"], "data", bases["data"])
     callbacks = plain.get("callbacks") or []
     if not isinstance(callbacks, list):

@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from data.atomic import atomic_write_text
 from layers.instantiate import ConfigError, instantiate
 from stage1.tokenizer import CorruptCheckpointError, load_checkpoint_file
+from tokenforge.acceleration import apply_runtime_options, fused_configure_optimizers, set_tf32, split_runtime_params
 from tokenforge.callbacks import MoELoadHistory, RunMetadata, SaveOnInterrupt
 from tokenforge.checkpoint_io import AtomicCheckpointIO
 from tokenforge.config import confine_paths, load_config, section_bases, to_plain
@@ -204,13 +205,19 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     bases = section_bases()
     datamodule = instantiate(cfg["data"], where="data", base=bases["data"])
-    model = instantiate(cfg["model"], where="model", base=bases["model"])
+    model_spec, runtime = split_runtime_params(cfg["model"])  # compile / channels_last are not hyperparameters
+    model = instantiate(model_spec, where="model", base=bases["model"])
     check_data_fits_model(datamodule, model)
     if found:
         resume_from, saved = found
         check_resumable(saved, resume_from, model)
         del saved
         rank_zero_info(f"resuming from {resume_from}")
+    for done in apply_runtime_options(model, runtime):
+        rank_zero_info(f"model.params: {done}")
+    set_tf32(cfg.get("allow_tf32", True))
+    if cfg.get("fused_optimizer", True):
+        model.configure_optimizers = fused_configure_optimizers(model)  # an instance attribute shadows the method
     trainer = build_trainer(cfg, run_dir)
     if rank_zero:  # only after the resume check: a refused resume leaves the run's config untouched
         atomic_write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(cfg)))
