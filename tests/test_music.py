@@ -6,6 +6,7 @@ once (three are 4/4 four-part chorales; the first, in 3/4, is filtered out) into
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -389,7 +390,6 @@ def test_maskgit_infilling_never_changes_the_fixed_bars(music_tokenizer_and_code
 
 def test_sample_infill_keeps_the_chosen_bars_and_writes_midi(music_tokenizer_and_codes, music_maskgit, tmp_path):
     import argparse
-    import json
 
     from stage2.maskgit import keep_rows
     from tokenforge.sample import main as sample
@@ -416,6 +416,28 @@ def test_sample_infill_keeps_the_chosen_bars_and_writes_midi(music_tokenizer_and
         sample([ckpt, "-n", "1", "--infill", str(codes / "val-00000.npy"), "--keep", "0:9", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="both infill"):
         sample([ckpt, "-n", "1", "--keep", "0:4", "--out", str(tmp_path / "x")])
+
+
+def test_key_labelled_folk_codes_train_a_conditional_prior_sampled_by_class(tmp_path):
+    from helpers import CONFIGS, train
+    from stage2.prior import load_prior
+    from tokenforge.sample import main as sample
+    from tokenforge.tokenize import main as tokenize
+
+    train(CONFIGS / "smoke" / "folk_vq.yaml", tmp_path / "runs", ["trainer.max_steps=4"], name="folk")
+    codes = tmp_path / "codes"
+    tokenize([str(tmp_path / "runs" / "folk" / "checkpoints" / "last.ckpt"), "--out", str(codes),
+              "--batch-size", "64"])  # the smoke config's label: key travels with the codes
+    labels = np.load(codes / "train-00000.labels.npy")
+    assert labels.min() >= 0 and labels.max() < 24 and len(set(labels.tolist())) > 6
+    train(CONFIGS / "smoke" / "music_prior.yaml", tmp_path / "runs", [f"data.params.codes={codes}",
+                                                                      "trainer.max_steps=2"], name="prior")
+    ckpt = tmp_path / "runs" / "prior" / "checkpoints" / "last.ckpt"
+    assert load_prior(ckpt).num_classes == labels.max() + 1  # the manifest's count: the largest label + 1
+    top = int(labels.max())
+    out = sample([str(ckpt), "-n", "2", "--class", "0", str(top), "--out", str(tmp_path / "s")])
+    assert json.loads((out / "samples.json").read_text())["classes"] == [0, top]
+    assert (out / "sample_001.mid").is_file()
 
 
 def test_evaluate_a_music_tokenizer_reports_note_accuracy_usage_and_perplexity(music_tokenizer_and_codes, tmp_path):
