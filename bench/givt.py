@@ -187,7 +187,22 @@ def sample_quality(prior_ckpt: Path, classifier: DomainClassifier, real: torch.T
     return out
 
 
-STAGES = ("beta", "single", "compare", "dbcfg", "masked")
+STAGES = ("beta", "single", "compare", "dbcfg", "masked", "recon")
+
+
+@torch.no_grad()
+def reconstruction_quality(ckpt: Path, classifier: DomainClassifier, real: torch.Tensor,
+                           labels: torch.Tensor) -> dict[str, float]:
+    """Domain FID and class accuracy of the tokenizer's reconstructions: the ceiling of its priors' samples."""
+    tok = load_tokenizer(ckpt)
+    fid = domain_fid(classifier)
+    correct = 0
+    for chunk, y in zip(real.split(500), labels.split(500)):
+        fid.update(chunk, real=True)
+        recon = tok.decode(tok.encode(chunk)).clamp(-1, 1)
+        fid.update(recon, real=False)
+        correct += int((classifier(recon).argmax(1) == y).sum())
+    return {"recon_fid_domain": float(fid.result().value), "recon_class_accuracy": correct / len(real)}
 
 
 def main() -> None:
@@ -196,7 +211,8 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="beta: the β table; single: GMM vs one Gaussian; compare: GIVT vs the VQ + AR prior "
                         "(samples); dbcfg: DB-CFG acceptance and sample quality per --cfg-sweep weight; "
-                        "masked: masked GIVT vs a discrete MaskGIT over the VQ-VAE (samples)")
+                        "masked: masked GIVT vs a discrete MaskGIT over the VQ-VAE (samples); recon: domain "
+                        "FID / class accuracy of both tokenizers' reconstructions (the priors' ceiling)")
     p.add_argument("--betas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     p.add_argument("--ref-beta", type=float, default=1e-3, help="the β of the KL-VAE the other stages use")
     p.add_argument("--tok-steps", type=int, default=600)
@@ -225,7 +241,7 @@ def main() -> None:
                   "trainer.limit_val_batches=5", "checkpoint_every_n_steps=100000", *data_limits]
     common_prior = [f"trainer.max_steps={args.prior_steps}", f"trainer.val_check_interval={args.prior_steps}",
                     "trainer.limit_val_batches=2", "checkpoint_every_n_steps=100000", "model.params.warmup_steps=50"]
-    val_x, _ = real_split("test", args.limit_val)
+    val_x, val_y = real_split("test", args.limit_val)
 
     def klvae_and_givt(beta: float) -> tuple[Path, float, Path, Path, float]:
         tag = f"klvae_b{beta:g}"
@@ -255,16 +271,20 @@ def main() -> None:
         save("single_gaussian", {**val_nll(single, codes_ref), "train_s": ssecs, "params": params(single),
                                  "mlp_ratio": ratio})
 
-    if not {"compare", "dbcfg", "masked"} & set(args.stages):
+    if not {"compare", "dbcfg", "masked", "recon"} & set(args.stages):
         return
     classifier = domain_classifier(Path(args.classifier))
     results["classifier_test_accuracy"] = float(getattr(classifier, "test_accuracy", float("nan")) or math.nan)
-    _, _, codes_ref, givt, _ = klvae_and_givt(args.ref_beta)
+    kl_ref, _, codes_ref, givt, _ = klvae_and_givt(args.ref_beta)
 
-    if {"compare", "masked"} & set(args.stages):  # the discrete side: a VQ-VAE of the KL-VAE's budget
+    if {"compare", "masked", "recon"} & set(args.stages):  # the discrete side: a VQ-VAE of the KL-VAE's budget
         vq, vsecs = run("configs/vqvae.yaml", out, "vqvae", common_tok, args.tok_steps)
         vq_codes = out / "codes" / "vqvae"
         tokenize(vq, vq_codes, args.limit_train, args.limit_val)
+
+    if "recon" in args.stages:
+        save("reconstructions", {"klvae": reconstruction_quality(kl_ref, classifier, val_x, val_y),
+                                 "vqvae": reconstruction_quality(vq, classifier, val_x, val_y)})
 
     # 3. a discrete AR prior over a VQ-VAE of the same budgets, and sample quality of both
     if "compare" in args.stages:
