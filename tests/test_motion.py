@@ -347,21 +347,19 @@ def test_class_conditional_priors_sample_stick_figure_gifs(prior, flags, motion_
 
 
 def test_maskgit_inbetweening_keeps_the_first_and_last_codes(motion_tokenizer_and_codes, tmp_path):
-    from stage2.maskgit import MaskGITPrior
-    from tokenforge.runs import open_run
+    """sample.py --infill real codes --keep the first and last code: the middle is generated, the ends stay."""
+    from tokenforge.sample import main as sample
 
     _, codes = motion_tokenizer_and_codes
     train(CONFIGS / "smoke" / "motion_maskgit.yaml", tmp_path, [f"data.params.codes={codes}", "trainer.max_steps=4",
                                                                "trainer.val_check_interval=4"])
-    run = open_run(tmp_path / "motion_maskgit" / "checkpoints" / "last.ckpt", expect="prior")
-    prior = run.model
-    assert isinstance(prior, MaskGITPrior)
-    real = torch.from_numpy(np.load(codes / "val-00000.npy").astype(np.int64))[:3]
-    init = real.clone()
-    init[:, 1:-1] = prior.mask_id
-    filled = prior.sample(3, cond=torch.tensor([0, 1, 2]), init=init, steps=3,
-                          generator=torch.Generator().manual_seed(0))
-    assert torch.equal(filled[:, [0, -1]], real[:, [0, -1]])
-    assert (filled[:, 1:-1] < prior.code_spec["codebook_size"]).all()
-    motion = run.tokenizer.decode(filled)
-    assert motion.shape == (3, FEATURE_DIM, 32)
+    ckpt = tmp_path / "motion_maskgit" / "checkpoints" / "last.ckpt"
+    real_file = codes / "val-00000.npy"
+    real = np.load(real_file).astype(np.int64)[:2]
+    out = sample([str(ckpt), "-n", "2", "--class", "walk", "crawl", "--infill", str(real_file), "--keep", "0:1,7:8",
+                  "--steps", "3", "--out", str(tmp_path / "between")])
+    filled = np.load(out / "codes.npy")
+    assert filled.shape == (2, 8) and np.array_equal(filled[:, [0, -1]], real[:, [0, -1]])
+    assert json.loads((out / "samples.json").read_text())["sampling"]["keep"] == "0:1,7:8"
+    with np.load(out / "samples.npz") as f:
+        assert f["positions"].shape == (2, 32, len(JOINT_NAMES), 3) and f["labels"].tolist() == [1, 2]
