@@ -289,3 +289,36 @@ def test_any_zoo_quantizer_tokenizes_chunks_for_vqbet(quantizer, tmp_path):
     assert len(model.code_heads) == (depth or 1)
     fit(model, 2)
     assert model.predict_chunks(bimodal_batch(4, seed=2)["obs"], temperature=0.0).shape == (4, CHUNK, ACT)
+
+
+def test_true_code_offsets_keep_the_mode_where_the_observations_do_not_tell_it(tokenizer_path):
+    """Where the observations do not decide the mode (the first push of MountainCar), offsets trained at
+    the *sampled* codes (official) learn to pull every code toward the median action, so a sampled
+    left-code can come out as a right push; offsets trained at the *true* codes (``offset_codes:
+    true``) are residuals within the code's mode and keep it."""
+    def ambiguous_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
+        batch = bimodal_batch(n, seed)
+        g = torch.Generator().manual_seed(10_000 + seed)
+        batch["actions"][..., 0] *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
+        return batch
+
+    kept = {}
+    for offset_codes in ("sampled", "true"):
+        torch.manual_seed(0)
+        model = vqbet(tokenizer_path, offset_codes=offset_codes)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(50):
+            codes, _, ctx = model.unpack_batch(ambiguous_batch(64, step))
+            loss = model.loss(codes, None, ctx).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            f, _ = model.features(ambiguous_batch(512, 77)["obs"])
+            codes = model.draw_codes(f, 1.0, torch.Generator().manual_seed(0))
+            decoded = model._decode(codes)
+            predicted = decoded + model.offsets(f, codes)
+        same_sign = torch.sign(predicted[..., 0].mean(1)) == torch.sign(decoded[..., 0].mean(1))
+        kept[offset_codes] = float(same_sign.float().mean())
+    assert kept["true"] > 0.95, kept
+    assert kept["true"] > kept["sampled"] + 0.15, kept
