@@ -17,7 +17,7 @@ Network (checked against the authors' code, ``vq_behavior_transformer/bet.py``):
 Loss (official weights as defaults): ``primary_weight * FL(c_0) + secondary_weight * sum_{l>0}
 FL(c_l) + offset_weight * L1(a, decoded(ĉ) + offset(ĉ))`` with the focal loss ``FL = -(1-p)^γ log p``
 (γ = 2) averaged over the batch, and ``ĉ`` the codes *sampled* from the predicted distributions, as
-the official code does (``offset_codes: true`` indexes the offsets at the true codes instead).
+the official code does (``offset_codes: target`` indexes the offsets at the true codes instead).
 Official weights: 5 and 0.5 for the codes; the offset multiplier is 100 on unit-scale (kitchen)
 actions, which is ours since :mod:`data.actions` normalises actions. ``val/loss`` is the exact NLL
 of the true codes per code token (``-log p(c_0) - log p(c_1 | c_0)`` over depth).
@@ -87,8 +87,9 @@ class VQBeT(TransformerPrior, ObservationPrior):
         **prior: Any,
     ) -> None:
         super().__init__(history=history, obs_dim=obs_dim, env=env, positions=positions, **prior)
-        if offset_codes not in ("sampled", "true"):
-            raise ValueError(f"offset_codes must be 'sampled' (official) or 'true', got {offset_codes!r}")
+        if offset_codes not in ("sampled", "target"):
+            raise ValueError(f"offset_codes must be 'sampled' (official) or 'target' (the true codes), "
+                             f"got {offset_codes!r}")
         self.levels = self.code_depth or 1
         k, dim = self.codebook_size, self.dim
         self.obs_in = nn.Linear(self.obs_dim, dim)
@@ -156,7 +157,7 @@ class VQBeT(TransformerPrior, ObservationPrior):
             correct.append((logits.argmax(-1) == target[:, level]).float().mean())
         code_loss = hp.primary_weight * focal[0] + hp.secondary_weight * sum(focal[1:], f.new_zeros(()))
         with torch.no_grad():
-            chosen = target if hp.offset_codes == "true" else self.draw_codes(f, 1.0, generator)
+            chosen = target if hp.offset_codes == "target" else self.draw_codes(f, 1.0, generator)
         decoded = self._decode(chosen)
         predicted = decoded + self.offsets(f, chosen)
         offset_loss = F.l1_loss(predicted, actions)

@@ -161,7 +161,7 @@ def test_secondary_head_uses_the_primary_code(tokenizer_path):
 
 
 def test_vqbet_loss_is_the_papers_weighted_sum(tokenizer_path):
-    model = vqbet(tokenizer_path, offset_codes="true", primary_weight=5.0, secondary_weight=0.5,
+    model = vqbet(tokenizer_path, offset_codes="target", primary_weight=5.0, secondary_weight=0.5,
                   offset_weight=100.0, gamma=2.0).eval()
     codes, _, ctx = model.unpack_batch(bimodal_batch(16, seed=3))
     out = model.loss(codes, None, ctx)
@@ -295,7 +295,7 @@ def test_true_code_offsets_keep_the_mode_where_the_observations_do_not_tell_it(t
     """Where the observations do not decide the mode (the first push of MountainCar), offsets trained at
     the *sampled* codes (official) learn to pull every code toward the median action, so a sampled
     left-code can come out as a right push; offsets trained at the *true* codes (``offset_codes:
-    true``) are residuals within the code's mode and keep it."""
+    target``) are residuals within the code's mode and keep it."""
     def ambiguous_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
         batch = bimodal_batch(n, seed)
         g = torch.Generator().manual_seed(10_000 + seed)
@@ -303,7 +303,7 @@ def test_true_code_offsets_keep_the_mode_where_the_observations_do_not_tell_it(t
         return batch
 
     kept = {}
-    for offset_codes in ("sampled", "true"):
+    for offset_codes in ("sampled", "target"):
         torch.manual_seed(0)
         model = vqbet(tokenizer_path, offset_codes=offset_codes)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -320,5 +320,5 @@ def test_true_code_offsets_keep_the_mode_where_the_observations_do_not_tell_it(t
             predicted = decoded + model.offsets(f, codes)
         same_sign = torch.sign(predicted[..., 0].mean(1)) == torch.sign(decoded[..., 0].mean(1))
         kept[offset_codes] = float(same_sign.float().mean())
-    assert kept["true"] > 0.95, kept
-    assert kept["true"] > kept["sampled"] + 0.15, kept
+    assert kept["target"] > 0.95, kept
+    assert kept["target"] > kept["sampled"] + 0.15, kept
