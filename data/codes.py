@@ -304,7 +304,8 @@ def code_folder_info(folder: str | os.PathLike) -> dict[str, Any]:
         raise CodeFileError(f"{Path(folder) / MANIFEST} has no 'code_spec'")
     tokenizer = manifest.get("tokenizer") or {}
     return {"code_spec": manifest["code_spec"], "num_classes": manifest.get("num_classes"),
-            "tokenizer_path": tokenizer.get("path") if isinstance(tokenizer, Mapping) else tokenizer}
+            "tokenizer_path": tokenizer.get("path") if isinstance(tokenizer, Mapping) else tokenizer,
+            "class_names": manifest.get("class_names")}
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -323,9 +324,13 @@ class CodeWriter:
         tokenizer_path: str | os.PathLike,
         tokenizer_sha256: str,
         shard_size: int = 4096,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
+        # the data's names of its label classes (e.g. music keys): the manifest records them, and then
+        # num_classes counts every named class, even one no item carries
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.folder = Path(folder)
         self.code_spec = _plain(dict(code_spec))
         self.dtype = code_dtype(self.code_spec)
@@ -434,6 +439,10 @@ class CodeWriter:
             "num_classes": None if max_label is None else max_label + 1,
             "complete": complete, "splits": splits,
         }
+        if self.class_names is not None and max_label is not None:
+            if max_label >= len(self.class_names):
+                raise CodeFileError(f"labels up to {max_label}, but only {len(self.class_names)} class names")
+            manifest.update(num_classes=len(self.class_names), class_names=self.class_names)
         levels = level_shapes(self.code_spec)
         if levels is not None:  # hierarchical codes: each level's shape and where it lies in a packed item
             offsets = np.cumsum([0] + [math.prod(shape) for shape in levels.values()])

@@ -13,7 +13,8 @@ How to write a new prior (one file in ``stage2/`` plus one config):
    ``self.code_embedding(dim, extra_tokens=...)`` and ``self.class_embedding(dim)``. The base arguments
    (``codes``, ``code_spec``, ``num_classes``, ``tokenizer``, ``level``, ``context_level``,
    ``cond_drop_prob``, ``lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``max_steps``,
-   ``min_lr_ratio``) are merged into the subclass's signature, so configs are checked against both.
+   ``min_lr_ratio``, ``class_names``: the code folder's, so ``sample --class`` takes names) are merged
+   into the subclass's signature, so configs are checked against both.
 3. ``loss(codes, labels, context=None, generator=None) -> PriorLoss``: ``codes`` as the code spec
    shapes them, ``labels`` already label-dropped (the null class where dropped) during training,
    ``self.training`` tells training from validation, ``generator`` is fixed per validation batch (so
@@ -141,6 +142,7 @@ class Prior(pl.LightningModule):
         warmup_steps: int = 500,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +169,12 @@ class Prior(pl.LightningModule):
             self.hparams[key] = plain(self.hparams[key])
         self.hparams.update(code_spec=spec, num_classes=num_classes, tokenizer_path=tokenizer_path)
         self.code_spec, self.num_classes, self.tokenizer_path = spec, num_classes, tokenizer_path
+        if num_classes and codes is not None and self.hparams.get("class_names") is None:
+            from data.codes import code_folder_info  # the folder's names of its classes, kept for sample --class
+
+            names = code_folder_info(codes).get("class_names")
+            self.hparams["class_names"] = list(names) if names and len(names) == num_classes else None
+        self.class_names: list[str] | None = self.hparams.get("class_names")
         self._layout = CodeLayout.from_spec(level_spec(spec, self.level))
         kind = "continuous" if self._layout.continuous else "discrete"
         if kind not in self.code_kinds:

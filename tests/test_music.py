@@ -430,14 +430,18 @@ def test_key_labelled_folk_codes_train_a_conditional_prior_sampled_by_class(tmp_
               "--batch-size", "64"])  # the smoke config's label: key travels with the codes
     labels = np.load(codes / "train-00000.labels.npy")
     assert labels.min() >= 0 and labels.max() < 24 and len(set(labels.tolist())) > 6
+    manifest = json.loads((codes / "manifest.json").read_text())
+    assert manifest["class_names"] == list(music.KEY_NAMES) and manifest["num_classes"] == 24  # even unseen keys
     train(CONFIGS / "smoke" / "music_prior.yaml", tmp_path / "runs", [f"data.params.codes={codes}",
                                                                       "trainer.max_steps=2"], name="prior")
     ckpt = tmp_path / "runs" / "prior" / "checkpoints" / "last.ckpt"
-    assert load_prior(ckpt).num_classes == labels.max() + 1  # the manifest's count: the largest label + 1
-    top = int(labels.max())
-    out = sample([str(ckpt), "-n", "2", "--class", "0", str(top), "--out", str(tmp_path / "s")])
-    assert json.loads((out / "samples.json").read_text())["classes"] == [0, top]
-    assert (out / "sample_001.mid").is_file()
+    prior = load_prior(ckpt)  # rebuilt from the checkpoint alone: the names travel with it
+    assert prior.num_classes == 24 and prior.class_names == list(music.KEY_NAMES)
+    out = sample([str(ckpt), "-n", "3", "--class", "0", "A minor", "Bb major", "--out", str(tmp_path / "s")])
+    assert json.loads((out / "samples.json").read_text())["classes"] == [0, 21, 10]
+    assert (out / "sample_002.mid").is_file()
+    with pytest.raises(ValueError, match="C major"):
+        sample([str(ckpt), "-n", "1", "--class", "H major", "--out", str(tmp_path / "t")])
 
 
 def test_evaluate_a_music_tokenizer_reports_note_accuracy_usage_and_perplexity(music_tokenizer_and_codes, tmp_path):

@@ -61,10 +61,12 @@ def default_out(args: argparse.Namespace, kwargs: dict[str, Any]) -> Path:
     return Path(args.checkpoint[-1]).resolve().parent.parent / "samples" / "_".join(parts)
 
 
-def class_indices(values: Sequence[str], code_spec: Mapping[str, Any]) -> list[int]:
-    """``--class`` values as label indices: integers as given, names through the ``class_names`` of the
-    tokenizer's modality (e.g. the DeepMimic clips for motion)."""
-    names = list(getattr(modality_of(code_spec), "class_names", None) or ())
+def class_indices(values: Sequence[str], code_spec: Mapping[str, Any],
+                  prior_names: Sequence[str] | None = None) -> list[int]:
+    """``--class`` values as label indices: integers as given, names through the prior's ``class_names``
+    (its code folder's, e.g. the keys of key-labelled music) or else those of the tokenizer's modality
+    (e.g. the DeepMimic clips for motion)."""
+    names = list(prior_names or getattr(modality_of(code_spec), "class_names", None) or ())
     indices = []
     for value in values:
         if re.fullmatch(r"-?\d+", str(value)):
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.classes is not None:
         if all(r.model.num_classes is None for r in runs):
             raise ValueError(f"{' '.join(args.checkpoint)}: unconditional prior(s); drop --class")
-        classes = class_indices(args.classes, tokenizer.code_spec)
+        classes = class_indices(args.classes, tokenizer.code_spec, getattr(prior, "class_names", None))
         labels = torch.tensor([classes[i % len(classes)] for i in range(args.num)], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     codes, decoded = [], []

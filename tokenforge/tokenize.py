@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dm = run.datamodule(data_overrides, args.batch_size)
     dm.setup("fit")
     writer = CodeWriter(args.out, run.model.code_spec, tokenizer_path=str(Path(args.checkpoint)),
-                        tokenizer_sha256=sha256_file(args.checkpoint), shard_size=args.shard_size)
+                        tokenizer_sha256=sha256_file(args.checkpoint), shard_size=args.shard_size,
+                        class_names=getattr(dm, "class_names", None))
     data = ShardedSplits(dm, writer, args.splits, args.batch_size)
     totals = data.totals()
     shard_writer = ShardWriter(writer, args.splits, totals)
