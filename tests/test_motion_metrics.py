@@ -162,6 +162,20 @@ def test_clip_classifier_learns_round_trips_and_scores_conditional_samples(tmp_p
     assert noise["clip_classifier_fid"] > 10 * max(same["clip_classifier_fid"], 1e-3)
 
 
+def test_clip_classifier_is_not_thrown_by_small_deviations_in_channels_constant_in_the_data():
+    # Channel 5 never varies in the training windows (like the fixed 6-D entries of a 1-DoF knee); a sample
+    # a few hundredths off there is still the same motion. A near-zero std would blow that up to chance.
+    torch.set_num_threads(1)
+    x, y = _class_windows(192, 0)
+    vx, vy = _class_windows(96, 1)
+    x[:, 5], vx[:, 5] = 1.0, 1.0
+    model = train_motion_classifier(x, y, epochs=8, width=16, num_features=16)
+    assert float(model.std[5]) >= 0.2 * float(x.std(dim=(0, 2)).median()) - 1e-6
+    shifted = vx.clone()
+    shifted[:, 5] += 0.05 * torch.randn(shifted[:, 5].shape, generator=torch.Generator().manual_seed(2))
+    assert classifier_accuracy(model, vx, vy) > 0.9 and classifier_accuracy(model, shifted, vy) > 0.9
+
+
 def test_gif_has_one_frame_per_pose_even_for_a_still_pose(tmp_path):
     import imageio.v3 as iio
 
