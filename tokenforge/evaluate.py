@@ -29,11 +29,12 @@ from data.atomic import atomic_write_text
 from layers.moe.recording import RoutingRecorder
 from metrics.codebook import CodebookUsage
 from metrics.latent import LatentStatistics
+from stage1.audio_bitrate import bitrate_table_for
 from stage1.depth_eval import DepthReconstruction, residual_depth
 from stage1.modalities import Evaluator, modality_of
 from tokenforge.cli import positive_int
 from tokenforge.moe_report import load_history, routing_plots, routing_results
-from tokenforge.report import write_report
+from tokenforge.report import is_rows, rows_table, write_report
 from tokenforge.runs import open_run
 from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs
 from tokenforge.usage_plot import save_usage_histogram
@@ -101,6 +102,7 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
     latents = LatentStatistics(model.latent_dim).to(device) if hasattr(model, "posterior") else None
     depth = residual_depth(model)  # residual codes: also decode with the first d levels, d = 1..D
     per_depth = DepthReconstruction(depth) if depth else None
+    bitrates = bitrate_table_for(model, {"device": device})  # residual audio codecs: kbps vs quality per depth
     seen, first = 0, None
     for x, labels in _limited(loader, limit):
         x = x.to(device)
@@ -115,6 +117,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
             latents.update(q.mean, q.logvar)
         if per_depth is not None:
             per_depth.update(model, x, codes)
+        if bitrates is not None:
+            bitrates.update(model, x, codes)
         if recorder is not None:
             recorder.discard()  # the posterior and the partial-depth decodes are not counted twice
         evaluator.update(real=x, fake=xrec, labels=labels)
@@ -126,6 +130,8 @@ def evaluate_tokenizer(model: Any, loader: Any, device: str, evaluator: Evaluato
         results |= {k if name is None else f"{name}/{k}": _num(v) for k, v in usage.compute().items()}
     if per_depth is not None:
         results |= per_depth.compute()
+    if bitrates is not None:
+        results["bitrate_table"] = bitrates.compute()
     if latents is not None:  # per-channel mean/std of the posterior means, KL per dim (nats per element)
         results |= {k: v.tolist() if v.dim() else _num(v) for k, v in latents.compute().items()}
     results["codebook_size"] = spec.get("codebook_size")
@@ -234,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {"checkpoint": str(args.checkpoint), "kind": kind, "split": args.split, **results, "notes": notes}
     results["plots"] = {k: str(v) for k, v in plots.items()}
     report = write_report(out_dir / "report.md", results, plots)
-    print(format_table({k: v for k, v in results.items() if k not in ("checkpoint", "plots", "notes")}))
+    print(format_table({k: v for k, v in results.items() if k not in ("checkpoint", "plots", "notes")
+                        and not is_rows(v)}))
+    for k, v in results.items():
+        if is_rows(v):
+            print(f"\n{k}:\n{rows_table(v)}")
     for note in notes:
         print(f"note: {note}")
     print(f"report: {report}")
