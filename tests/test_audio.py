@@ -334,6 +334,28 @@ def test_tokenize_records_clip_lengths_and_decode_restores_an_odd_length(audio_r
     assert codec.decode(out["codes"], length=out["length"]).shape == (1, 1, n)
 
 
+def test_rq_transformer_over_audio_codes_trains_and_samples_wavs(audio_run, tmp_path):
+    """configs/smoke/audio_rq_transformer.yaml on the tiny codec's codes: loss falls, sample.py writes WAVs."""
+    import soundfile
+
+    from helpers import assert_finite_and_falling, logged_series
+    from tokenforge.runs import open_run
+    from tokenforge.sample import main as sample
+
+    _, codes = audio_run
+    train(CONFIGS / "smoke" / "audio_rq_transformer.yaml", tmp_path / "runs", [f"data.params.codes={codes}"])
+    run_dir = tmp_path / "runs" / "audio_rq_transformer"
+    assert_finite_and_falling(logged_series(run_dir)[1], "audio RQ-Transformer loss")
+    prior = open_run(str(run_dir / "checkpoints" / "last.ckpt")).model
+    assert prior.levels == 3 and prior.tok_emb.num_embeddings == 3 * 32  # an embedding table per RVQ level
+    out = sample([str(run_dir / "checkpoints" / "last.ckpt"), "-n", "2", "--class", "3",
+                  "--out", str(tmp_path / "samples")])
+    wavs = sorted(out.glob("sample_*_class3.wav"))
+    assert len(wavs) == 2 and (out / "spectrograms.png").is_file()
+    data, rate = soundfile.read(wavs[0])
+    assert rate == 16000 and data.shape == (10240,) and np.isfinite(data).all() and np.abs(data).max() > 0
+
+
 def test_evaluate_an_audio_codec_reports_audio_metrics(audio_run, tmp_path):
     from tokenforge.evaluate import main as evaluate
 
@@ -343,6 +365,25 @@ def test_evaluate_an_audio_codec_reports_audio_metrics(audio_run, tmp_path):
         assert field in res, field
     assert res["mel_distance"] > 0 and res["stft_distance"] > 0
     assert (tmp_path / "ev" / "reconstructions.png").is_file()
+    # bitrate table: one row per active level count, kbps = frames/s x levels x log2(K) / 1000
+    table = res["bitrate_table"]
+    assert [r["levels"] for r in table] == [1, 2, 3]  # the smoke codec has 3 residual levels of 32 codes
+    for r in table:
+        assert r["kbps"] == pytest.approx(16000 / 320 * r["levels"] * 5 / 1000)
+        assert {"mel_distance", "stft_distance", "si_snr_db"} <= set(r)
+    # all levels = the full decode the headline metrics score
+    assert table[-1]["mel_distance"] == pytest.approx(res["mel_distance"], rel=1e-5)
+    assert table[-1]["si_snr_db"] == pytest.approx(res["si_snr_db"], rel=1e-4)
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "## bitrate_table" in report and "| levels | kbps | mel_distance |" in report
+
+
+def test_bitrate_formula():
+    from stage1.audio_bitrate import kbps
+
+    assert kbps(50, 8, 1024) == pytest.approx(4.0)  # EnCodec 24 kHz-style: 75 x 8 x 10 = 6 kbps; 50 f/s -> 4
+    assert kbps(75, 8, 1024) == pytest.approx(6.0)
+    assert kbps(50, 1, 16) == pytest.approx(0.2)
 
 
 def test_the_audio_modality_binds_the_code_specs_sample_rate():
