@@ -133,7 +133,10 @@ class AudioCodec(QuantizedAutoencoder):
         losses = self.generator_losses(x, xrec, adversarial=False)
         return sum(self.weights[k] * v for k, v in losses.items())
 
-    def generator_losses(self, x: Tensor, xrec: Tensor, adversarial: bool) -> dict[str, Tensor]:
+    def generator_losses(self, x: Tensor, xrec: Tensor, adversarial: bool,
+                         feats_real: list[list[Tensor]] | None = None) -> dict[str, Tensor]:
+        """The generator's terms; ``feats_real``: the discriminator's features of ``x`` when the caller has
+        them already (they are targets: detached either way)."""
         stft_loss, mel_loss = self._spectral
         if next(mel_loss.buffers()).device != x.device:
             for loss in self._spectral:
@@ -141,7 +144,8 @@ class AudioCodec(QuantizedAutoencoder):
         losses = {"l1": F.l1_loss(xrec, x), "stft": stft_loss(xrec.float(), x.float()), "mel": mel_loss(xrec, x)}
         if adversarial:
             logits_fake, feats_fake = self.discriminator(xrec)
-            _, feats_real = self.discriminator(x)
+            if feats_real is None:
+                _, feats_real = self.discriminator(x)
             losses["adv"] = generator_hinge_loss(logits_fake)
             losses["feat"] = feature_matching_loss(feats_real, feats_fake)
         return {k: v for k, v in losses.items() if self.weights[k] > 0}
@@ -152,10 +156,16 @@ class AudioCodec(QuantizedAutoencoder):
         x = self.pad_to_hop(batch["x"])
         adversarial = self.global_step >= self.hparams.disc_start and (self.weights["adv"] > 0
                                                                         or self.weights["feat"] > 0)
+        logits_real = feats_real = None
+        if adversarial:
+            # D(x) once per step: its features are the feature-matching targets of the generator step and
+            # its logits the real term of the discriminator step. The generator's optimiser step does not
+            # touch D, so the discriminator step's D(x) would recompute exactly these values.
+            logits_real, feats_real = self.discriminator(x)
 
         self.toggle_optimizer(opt_g)
         xrec, q, aux = self(x)
-        losses = self.generator_losses(x, xrec, adversarial)
+        losses = self.generator_losses(x, xrec, adversarial, feats_real)
         weighted = sum(self.weights[k] * v for k, v in losses.items())
         self.check_finite(weighted + q.loss, "the codec's generator loss")
         opt_g.zero_grad(set_to_none=True)
@@ -173,7 +183,6 @@ class AudioCodec(QuantizedAutoencoder):
         d_loss = torch.zeros((), device=x.device)
         if adversarial:
             self.toggle_optimizer(opt_d)
-            logits_real, _ = self.discriminator(x.detach())
             logits_fake, _ = self.discriminator(xrec.detach())
             d_loss = discriminator_hinge_loss(logits_real, logits_fake)
             self.check_finite(d_loss, "the discriminator loss")

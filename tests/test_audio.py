@@ -167,6 +167,67 @@ def test_quantizer_dropout_gives_decodable_output_at_every_level_count():
     assert not torch.allclose(outs[0], outs[2]) and torch.allclose(outs[2], model.decode(codes))
 
 
+def _fit_codec(model, steps: int = 3):
+    """A few Lightning training steps of a tiny codec on fixed noise clips (same data, same seed)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    clips = [{"x": torch.randn(1, 256, generator=torch.Generator().manual_seed(i)).clamp(-1, 1)} for i in range(8)]
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(clips, batch_size=4))
+    return model
+
+
+def test_training_step_reuses_the_real_discriminator_pass_with_unchanged_updates():
+    """D(x) is computed once per step (the generator's feature targets and the discriminator's real
+    logits); the updates equal the reference that ran D(x) in both the generator and discriminator step."""
+    from stage1.audio_codec import AudioCodec
+    from stage1.losses.audio import discriminator_hinge_loss
+
+    class Reference(AudioCodec):  # the step as it was: D(x) in generator_losses and again for the D loss
+        def training_step(self, batch, batch_idx):
+            opt_g, opt_d = self.optimizers()
+            sched_g, sched_d = self.lr_schedulers()
+            x = self.pad_to_hop(batch["x"])
+            self.toggle_optimizer(opt_g)
+            xrec, q, aux = self(x)
+            losses = self.generator_losses(x, xrec, adversarial=True)
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(sum(self.weights[k] * v for k, v in losses.items()) + q.loss)
+            opt_g.step()
+            sched_g.step()
+            self.untoggle_optimizer(opt_g)
+            self.toggle_optimizer(opt_d)
+            d_loss = discriminator_hinge_loss(self.discriminator(x.detach())[0], self.discriminator(xrec.detach())[0])
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.optimizer.step()
+            sched_d.step()
+            self.untoggle_optimizer(opt_d)
+
+    def build(cls):
+        torch.manual_seed(0)
+        model = tiny_codec(depth=2, dropout=0.0)
+        ref = cls(**model.hparams)
+        ref.load_state_dict(model.state_dict())
+        calls = []
+        ref.discriminator.register_forward_hook(lambda *a: calls.append(1))
+        return ref, calls
+
+    new, new_calls = build(AudioCodec)
+    old, old_calls = build(Reference)
+    _fit_codec(new), _fit_codec(old)
+    assert len(old_calls) == 4 * 3 and len(new_calls) == 3 * 3  # one discriminator pass fewer per step
+    for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(new.discriminator.state_dict()["discriminators.0.post.parametrizations.weight.original1"],
+                           build(AudioCodec)[0].discriminator.state_dict()[
+                               "discriminators.0.post.parametrizations.weight.original1"])  # D did train
+
+
+# ------------------------------------------------------------------------------ losses vs formulas
 # ------------------------------------------------------------------------------ losses vs formulas
 def _direct_mr_stft(a: torch.Tensor, b: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Spectral convergence + mean |log|S_a| - log|S_b||| per resolution, averaged (Yamamoto et al. 2020)."""
