@@ -17,7 +17,10 @@ Network (checked against the authors' code, ``vq_behavior_transformer/bet.py``):
 Loss (official weights as defaults): ``primary_weight * FL(c_0) + secondary_weight * sum_{l>0}
 FL(c_l) + offset_weight * L1(a, decoded(ĉ) + offset(ĉ))`` with the focal loss ``FL = -(1-p)^γ log p``
 (γ = 2) averaged over the batch, and ``ĉ`` the codes *sampled* from the predicted distributions, as
-the official code does (``offset_codes: target`` indexes the offsets at the true codes instead).
+the official code does (``offset_codes: target`` indexes the offsets at the true codes instead: where
+the observations do not decide the mode, offsets at sampled codes learn to pull every code toward the
+median action and can flip a sampled mode; see ``bench/results/vqbet_offsets.md``, where this flipped
+59% of MountainCar's start-state chunks; ``configs/vqbet.yaml`` ships ``target``).
 Official weights: 5 and 0.5 for the codes; the offset multiplier is 100 on unit-scale (kitchen)
 actions, which is ours since :mod:`data.actions` normalises actions. ``val/loss`` is the exact NLL
 of the true codes per code token (``-log p(c_0) - log p(c_1 | c_0)`` over depth).
