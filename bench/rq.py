@@ -128,6 +128,34 @@ def val_nll(prior: Any, codes: Path) -> float:
     return total / count
 
 
+@torch.no_grad()
+def val_nll_per_level(prior: Any, codes: Path) -> list[float]:
+    """Mean NLL per code (nats) of each depth level over the validation split, for an RQ-Transformer
+    (its ``nll_level{d}`` stats) or a flat AR prior (depth-minor flattening: token ``t`` is level ``t % D``)."""
+    import torch.nn.functional as F
+
+    from data.codes import CodesDataModule
+
+    dm = CodesDataModule(str(codes), batch_size=64)
+    dm.setup("fit")
+    prior.eval()
+    sums, count = None, 0
+    for batch in dm.val_dataloader():
+        codes_b, labels, context = prior.unpack_batch(batch)
+        depth = codes_b.shape[-1]
+        if hasattr(prior, "depth_transformer"):
+            stats = prior.loss(codes_b, labels, context).stats
+            per = torch.stack([stats[f"nll_level{d}"] for d in range(depth)]) * len(codes_b)
+        else:
+            logits, _ = prior(codes_b, labels, context)
+            target = prior.flatten_codes(codes_b)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, N)
+            per = nll.view(len(codes_b), -1, depth).mean(1).sum(0)
+        sums = per if sums is None else sums + per
+        count += len(codes_b)
+    return [float(v) / count for v in sums]
+
+
 class StepTimer:
     """Counts the calls of a module's forward and the wall time spent in them."""
 
@@ -422,6 +450,7 @@ def fmnist_nll(args: argparse.Namespace) -> dict[str, Any]:
         for kind in ("rq", "ar"):
             prior = fmnist_prior(args, kind, codes, seed)
             row[f"{kind}_params"], row[f"{kind}_val_nll"] = params(prior), val_nll(prior, codes)
+            row[f"{kind}_val_nll_per_level"] = val_nll_per_level(prior, codes)
         row["ratio"] = row["rq_val_nll"] / row["ar_val_nll"]
         result["seeds"][str(seed)] = row
         log(f"seed {seed}: {row}")
