@@ -71,10 +71,10 @@ def data_overrides(env: str, episodes: int) -> list[str]:
 
 def train_config(config: str, name: str, runs: Path, overrides: list[str]) -> Path:
     ckpt = runs / name / "checkpoints" / "last.ckpt"
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train([str(ROOT / config), "--runs", str(runs), "--name", name, "trainer.accelerator=cpu",
            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides])
-    print(f"  trained {name} in {time.time() - t0:.0f}s", flush=True)
+    print(f"  trained {name} in {time.time() - t0:.0f}s wall, {time.process_time() - c0:.0f}s CPU", flush=True)
     return ckpt
 
 
@@ -93,15 +93,20 @@ def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tup
     if args.skip_vqbet or not all((ROOT / c).is_file() for c in ("configs/action_vq.yaml", "configs/vqbet.yaml")):
         log["training"][f"vqbet_{env}"] = "skipped: " + ("--skip-vqbet" if args.skip_vqbet else "configs missing")
         return out
-    from tokenforge.runs import open_run
-
     tok_steps = args.tokenizer_steps[env]
-    tok = train_config("configs/action_vq.yaml", f"action_vq_{env}", runs,
-                       [*data, f"trainer.max_steps={tok_steps}", f"trainer.val_check_interval={tok_steps}"])
-    prior = train_config("configs/vqbet.yaml", f"vqbet_{env}", runs,
-                         [*data, f"model.params.tokenizer={tok}", f"trainer.max_steps={steps}",
-                          f"trainer.val_check_interval={steps}"])
-    model = open_run(prior).model.eval()
+    try:  # the model half is developed in parallel: a failure is recorded, not fatal to the other rows
+        from stage2.prior import load_prior
+
+        tok = train_config("configs/action_vq.yaml", f"action_vq_{env}", runs,
+                           [*data, f"trainer.max_steps={tok_steps}", f"trainer.val_check_interval={tok_steps}"])
+        prior = train_config("configs/vqbet.yaml", f"vqbet_{env}", runs,
+                             [*data, f"model.params.tokenizer={tok.resolve()}", f"trainer.max_steps={steps}",
+                              f"trainer.val_check_interval={steps}"])
+        model = load_prior(prior).eval()
+    except Exception as err:  # noqa: BLE001
+        log["training"][f"vqbet_{env}"] = f"failed: {type(err).__name__}: {err}"
+        print(f"  VQ-BeT failed: {err!r}", flush=True)
+        return out
     out["vqbet"] = (SeededPolicy(model), int(model.history))
     log["training"][f"vqbet_{env}"] = {"tokenizer_steps": tok_steps, "steps": steps,
                                        "params": sum(p.numel() for p in model.parameters())}
@@ -141,6 +146,24 @@ def run_env(env: str, args: argparse.Namespace, log: dict) -> None:
         save(log, args)
 
 
+def first_push_mass(runs: Path, samples: int = 200) -> None:
+    """MountainCar: the share of LEFT first actions each trained policy samples at a few start states
+    (a history of two identical start observations, v = 0) — where the expert is 50/50."""
+    from data.actions import make_env
+    from stage2.bc_mlp import BCMLP
+    from stage2.prior import load_prior
+
+    vqbet = load_prior(runs / "vqbet_mountain_car" / "checkpoints" / "last.ckpt").eval()
+    bc = BCMLP.load(runs / "bc_mlp_mountain_car" / "checkpoints" / "last.ckpt")
+    g = torch.Generator().manual_seed(0)
+    for seed in heldout_seeds(1, offset=10_000) + heldout_seeds(4):
+        obs, _ = make_env("mountain_car").reset(seed=seed)
+        hist = np.stack([obs, obs]).astype(np.float32)
+        first = np.array([vqbet.policy(hist, generator=g)[0, 0] for _ in range(samples)])
+        print(f"start position {obs[0]:.3f}: VQ-BeT first action left in {np.mean(first < 0):.2f} of {samples} "
+              f"samples (mean {first.mean():+.2f}); MLP first action {bc.policy(hist)[0, 0]:+.3f}")
+
+
 def save(log: dict, args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps(log, indent=1, default=float))
 
@@ -152,9 +175,11 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "actions.json"))
     p.add_argument("--mode-rollouts", type=int, default=16)
     p.add_argument("--skip-vqbet", action="store_true")
+    p.add_argument("--first-push-mass", action="store_true",
+                   help="only: MountainCar first-action mode mass of the policies already trained under --runs")
     p.add_argument("--pusht-episodes", type=int, default=100)
     p.add_argument("--pusht-eval", type=int, default=20)
-    p.add_argument("--pusht-steps", type=int, default=3000)
+    p.add_argument("--pusht-steps", type=int, default=1500)
     p.add_argument("--mc-steps", type=int, default=1000)
     args = p.parse_args()
     args.episodes = {"pusht": args.pusht_episodes, "mountain_car": 200}
@@ -163,6 +188,8 @@ def main() -> None:
     args.tokenizer_steps = {"pusht": args.pusht_steps, "mountain_car": args.mc_steps}
     args.gif_every = 3
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.first_push_mass:
+        return first_push_mass(Path(args.runs))
     log: dict[str, Any] = {"command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
                            "demos": {}, "training": {}, "policies": {}}
     for env in args.envs:
