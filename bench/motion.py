@@ -117,9 +117,10 @@ def stage_tokenizer(args: argparse.Namespace, out: Path, classifier: Path) -> di
         "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.tokenizer_steps}",
         f"callbacks.0.params.every_n_steps={args.tokenizer_steps}", *data_overrides(args)]
     start = time.process_time()
-    train_main([str(ROOT / "configs/motion_vq.yaml"), "--runs", str(out / "runs"), "--name", "motion_vq",
-                *overrides])
     ckpt = out / "runs/motion_vq/checkpoints/last.ckpt"
+    if not ckpt.is_file():  # resuming a finished run would rewrite last.ckpt (new hash: priors refuse it)
+        train_main([str(ROOT / "configs/motion_vq.yaml"), "--runs", str(out / "runs"), "--name", "motion_vq",
+                    *overrides])
     train_s = time.process_time() - start
     evaluated = evaluate_main([str(ckpt), "--out", str(out / "eval/motion_vq"), "--batch-size", "64"])
     run = open_run(ckpt, expect="tokenizer")
@@ -143,13 +144,18 @@ def stage_prior(args: argparse.Namespace, out: Path, name: str, classifier: Path
                  "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
                  f"checkpoint_every_n_steps={args.prior_steps}", f"data.params.batch_size={args.batch_size}"]
     start = time.process_time()
-    train_main([str(ROOT / f"configs/{name}.yaml"), "--runs", str(out / "runs"), "--name", name, *overrides])
     ckpt = out / f"runs/{name}/checkpoints/last.ckpt"
+    if not ckpt.is_file():
+        train_main([str(ROOT / f"configs/{name}.yaml"), "--runs", str(out / "runs"), "--name", name, *overrides])
     train_s = time.process_time() - start
     num_classes = len(MotionDataModule().class_names)
+    # The tokenizer trained above, named explicitly: same weights even if its file was rewritten since.
+    tokenizer = ["--tokenizer", str(out / "runs/motion_vq/checkpoints/last.ckpt")]
     evaluated = evaluate_main([str(ckpt), "--classifier", str(classifier), "--out", str(out / f"eval/{name}"),
-                               "--num-samples", str(args.samples_per_class * num_classes), "--batch-size", "64"])
-    sample_main([str(ckpt), "-n", str(len(GIF_CLASSES)), "--class", *GIF_CLASSES, "--out", str(out / f"gifs/{name}")])
+                               "--num-samples", str(args.samples_per_class * num_classes), "--batch-size", "64",
+                               *tokenizer])
+    sample_main([str(ckpt), "-n", str(len(GIF_CLASSES)), "--class", *GIF_CLASSES, "--out", str(out / f"gifs/{name}"),
+                 *tokenizer])
     row = {k: evaluated[k] for k in (*SAMPLE_KEYS, "num_samples", "sampling", "sample_code_usage") if k in evaluated}
     return row | {"steps": args.prior_steps, "train_cpu_s": train_s, "checkpoint": str(ckpt),
                   "val_loss": _last_val_loss(out / f"runs/{name}")}
