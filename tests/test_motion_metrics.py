@@ -200,6 +200,12 @@ def test_mp4_has_one_frame_per_pose(tmp_path):
     assert int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT)) == 6
 
 
+def test_the_renderer_module_is_not_listed_as_a_modality():
+    from stage1.modalities import available
+
+    assert "motion" in available() and "motion_render" not in available()
+
+
 def test_renderer_rejects_mismatched_inputs(tmp_path):
     walk = _walk(4)
     with pytest.raises(ValueError, match="joints"):

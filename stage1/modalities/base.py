@@ -167,7 +167,9 @@ def get_modality(name: str | None) -> Modality:
 def available() -> list[str]:
     """The names of the modality files present."""
     folder = Path(__file__).parent
-    return sorted(p.stem for p in folder.glob("*.py") if _NAME.match(p.stem) and p.stem not in ("base",))
+    # Helper modules beside the modalities (e.g. motion_render.py) bind no MODALITY and are not listed.
+    return sorted(p.stem for p in folder.glob("*.py") if _NAME.match(p.stem) and p.stem not in ("base",)
+                  and re.search(r"^MODALITY\s*=", p.read_text(), re.MULTILINE))
 
 
 def modality_of(code_spec: Mapping[str, Any]) -> Modality:
