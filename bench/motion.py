@@ -21,7 +21,8 @@ trained here with ``metrics.motion.train_motion_classifier``. Stages:
    stick-figure GIFs per prior.
 
 Results go to ``<out>/motion_results.json`` (after each stage; a finished stage is reused when the
-script is run again with the same ``--out``) and a markdown table is printed at the end.
+script is run again with the same ``--out``, and so is an existing checkpoint: delete a stage's key
+from the JSON to re-score it without retraining) and a markdown table is printed at the end.
 """
 
 from __future__ import annotations
