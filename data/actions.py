@@ -208,20 +208,33 @@ class Normalizer:
 
 
 class ActionChunkDataset(Dataset):
-    """Every step of some episodes as ``{"obs": (h, O), "actions": (n, A)}`` float32 tensors."""
+    """Every step of some episodes as ``{"obs": (h, O), "actions": (n, A), "x": (n, A)}`` float32 tensors.
 
-    def __init__(self, obs: torch.Tensor, actions: torch.Tensor) -> None:
-        self.obs, self.actions = obs, actions
+    ``"x"`` is the same chunk as ``"actions"``: the tokenizer's input under the key every modality's
+    batches use, which the generic commands (``scripts/evaluate.py``) read. With ``with_index`` (the
+    unshuffled loaders of ``split_dataloader``, for tokenizing) batches also carry ``"index"``, each
+    item's position in its split, so code writers can place codes when ranks interleave.
+    """
+
+    def __init__(self, obs: torch.Tensor, actions: torch.Tensor, with_index: bool = False) -> None:
+        self.obs, self.actions, self.with_index = obs, actions, with_index
 
     def __len__(self) -> int:
         return len(self.obs)
 
     def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(positions, dtype=torch.long)
-        return {"obs": self.obs[idx], "actions": self.actions[idx]}
+        actions = self.actions[idx]
+        batch = {"obs": self.obs[idx], "actions": actions, "x": actions}
+        if self.with_index:
+            batch["index"] = idx
+        return batch
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        return {"obs": self.obs[position], "actions": self.actions[position]}
+        return {k: v[0] for k, v in self.__getitems__([position]).items()}
+
+    def view(self, with_index: bool) -> ActionChunkDataset:
+        return ActionChunkDataset(self.obs, self.actions, with_index)
 
 
 def _whole_batch(batch):
@@ -285,16 +298,22 @@ class ActionChunkDataModule(pl.LightningDataModule):
         return {"obs": {"mean": n.obs_shift, "std": n.obs_scale},
                 "actions": {"mean": n.action_shift, "std": n.action_scale}}
 
-    def split_dataset(self, split: str) -> ActionChunkDataset:
+    def split_dataset(self, split: str, with_index: bool = False) -> ActionChunkDataset:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not self._splits:
             self.setup()
-        return self._splits[split]
+        return self._splits[split].view(with_index)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, with_index: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.split_dataset(split), batch_size=self.batch_size, shuffle=shuffle,
+        return DataLoader(self.split_dataset(split, with_index), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=_whole_batch, generator=generator,
                           persistent_workers=self.num_workers > 0)
+
+    def split_dataloader(self, split: str) -> DataLoader:
+        """Unshuffled iteration over one split (for ``scripts/tokenize.py``); batches carry ``"index"``."""
+        return self._loader(split, shuffle=False, with_index=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
