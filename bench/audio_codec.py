@@ -9,7 +9,15 @@
    x 10 bits) of mel distance, MR-STFT distance and SI-SNR for 1..8 levels. Variants of ours: EnCodec-like
    (EMA VQ, k-means init) and DAC-like (factorised 8-d codes with cosine / l2-normalised lookup).
 
+3. ``--profile N``: torch.profiler over N generator steps of each model and one discriminator-on step of
+   ours (what ``AudioCodec.training_step`` computes): the top ops by self CPU time and the wall time
+   per step that no op accounts for (Python overhead).
+
     OMP_NUM_THREADS=1 python bench/audio_codec.py --steps 150 --out bench/results/audio_codec.json
+    OMP_NUM_THREADS=1 python bench/audio_codec.py --synthetic --profile 2 --out bench/results/audio_profile.json
+    # a CPU-sized matched-budget run: both architectures at 8 filters, no LSTM
+    OMP_NUM_THREADS=1 python bench/audio_codec.py --steps 60 --batch-size 4 --channels 8 --lstm 0 \
+        --models encodec package --throughput-steps 1 --out bench/results/audio_matched_tiny.json
 """
 
 from __future__ import annotations
@@ -69,6 +77,35 @@ class EncodecNet(torch.nn.Module):
         return self.decoder(self.quantizer.decode(codes))
 
 
+def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    makers = {"encodec": ("ours (EnCodec-like EMA RVQ)", lambda: our_codec(args.channels, args.lstm, "encodec")),
+              "dac": ("ours (DAC-like factorised cosine RVQ)", lambda: our_codec(args.channels, args.lstm, "dac")),
+              "package": ("encodec package", lambda: EncodecNet(args.channels, args.lstm))}
+    return {makers[k][0]: makers[k][1]() for k in args.models}
+
+
+def lightning_like_step(codec: AudioCodec, opt_g, opt_d, x: torch.Tensor) -> None:
+    """What ``AudioCodec.training_step`` computes with the adversarial terms on (generator step, then the
+    discriminator step), without the Trainer: the part of a step that is ours to optimise."""
+    from stage1.losses.audio import discriminator_hinge_loss
+
+    codec.train()
+    xrec, q, aux = codec(x)
+    for p in codec.discriminator.parameters():  # toggle_optimizer(opt_g)
+        p.requires_grad_(False)
+    losses = codec.generator_losses(x, xrec, adversarial=True)
+    loss = sum(codec.weights[k] * v for k, v in losses.items()) + q.loss
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    for p in codec.discriminator.parameters():
+        p.requires_grad_(True)
+    d = discriminator_hinge_loss(codec.discriminator(x)[0], codec.discriminator(xrec.detach())[0])
+    opt_d.zero_grad(set_to_none=True)
+    d.backward()
+    opt_d.step()
+
+
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -114,6 +151,25 @@ def throughput(fn, batch: torch.Tensor, steps: int) -> float:
     return steps * len(batch) / (time.perf_counter() - start)
 
 
+def profile_step(fn, batch: torch.Tensor, steps: int, top: int = 15) -> dict:
+    """torch.profiler over ``steps`` calls (after one warm-up): the ``top`` ops by self CPU time, and how
+    much of the wall time no op accounts for (Python overhead between ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(batch)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn(batch)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"wall_s_per_step": wall, "op_self_cpu_s_per_step": total_self,
+            "top_ops": [{"op": e.key, "self_cpu_s_per_step": e.self_cpu_time_total / 1e6 / steps,
+                         "calls_per_step": e.count / steps} for e in ops]}
+
+
 @torch.no_grad()
 def bitrate_table(reconstruct, loader, max_batches: int) -> list[dict[str, float]]:
     rows = []
@@ -137,6 +193,9 @@ def main() -> None:
     p.add_argument("--lstm", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--synthetic", action="store_true", help="throughput and sizes only, on a random batch")
+    p.add_argument("--profile", type=int, default=0, help="profile N generator steps of each model (torch.profiler)")
+    p.add_argument("--models", nargs="+", default=["encodec", "dac", "package"],
+                   help="which of ours-EnCodec-like (encodec), ours-DAC-like (dac), the encodec package (package)")
     p.add_argument("--voices", type=int, default=8, help="espeak voices (2 held out); x 3 pitches x 10 digits")
     p.add_argument("--out", default="bench/results/audio_codec.json")
     args = p.parse_args()
@@ -151,10 +210,8 @@ def main() -> None:
         dm.setup()
     results: dict = {"args": vars(args), "torch_threads": torch.get_num_threads()}
 
-    models = {"ours (EnCodec-like EMA RVQ)": our_codec(args.channels, args.lstm, "encodec"),
-              "ours (DAC-like factorised cosine RVQ)": our_codec(args.channels, args.lstm, "dac"),
-              "encodec package": EncodecNet(args.channels, args.lstm)}
-    ref = models["ours (EnCodec-like EMA RVQ)"]
+    models = build_models(args)
+    ref = models.get("ours (EnCodec-like EMA RVQ)") or our_codec(args.channels, args.lstm, "encodec")
     results["parameters"] = {
         name: {"encoder": count(m.encoder), "decoder": count(m.decoder), "quantizer": count(m.quantizer)}
         for name, m in models.items()}
@@ -170,6 +227,18 @@ def main() -> None:
             return step_encodec(m, ref, opts[name], x, levels)
         return step_ours(m, opts[name], x, levels)
 
+    if args.profile:
+        results["profile"] = {name: profile_step(lambda x, n=name: step(n, x, 8), batch, args.profile)
+                              for name in models}
+        d_opt = torch.optim.Adam(ref.discriminator.parameters(), lr=args.lr)
+        results["profile"]["ours, one Lightning training_step with the discriminator"] = profile_step(
+            lambda x: lightning_like_step(ref, opts.get("ours (EnCodec-like EMA RVQ)") or torch.optim.Adam(
+                [q for n, q in ref.named_parameters() if not n.startswith("discriminator.")], lr=args.lr),
+                d_opt, x), batch, args.profile)
+        print(json.dumps(results["profile"], indent=1), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     results["throughput_clips_per_s"] = {
         name: throughput(lambda x, n=name: step(n, x, 8), batch, args.throughput_steps) for name in models}
     # Ours with the adversarial part on (generator + discriminator forward/backward), as trained.
@@ -202,10 +271,8 @@ def main() -> None:
         return
     # Matched training budget: fresh models, same data order, same random level counts.
     torch.manual_seed(0)
-    models = {"ours (EnCodec-like EMA RVQ)": our_codec(args.channels, args.lstm, "encodec"),
-              "ours (DAC-like factorised cosine RVQ)": our_codec(args.channels, args.lstm, "dac"),
-              "encodec package": EncodecNet(args.channels, args.lstm)}
-    ref = models["ours (EnCodec-like EMA RVQ)"]
+    models = build_models(args)
+    ref = models.get("ours (EnCodec-like EMA RVQ)") or our_codec(args.channels, args.lstm, "encodec")
     opts = {name: torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.9)) for name, m in models.items()}
     gen = torch.Generator().manual_seed(0)
     losses: dict[str, list[float]] = {name: [] for name in models}
