@@ -166,6 +166,14 @@ def run_seed(seed: int, data: dict[str, Any], args: argparse.Namespace) -> dict[
     return res
 
 
+def load_saved(path: Path) -> ARPrior:
+    """A model saved by ``--save-dir`` (constructor arguments + state dict), in eval mode."""
+    saved = torch.load(path, weights_only=True)
+    model = ARPrior(**saved["args"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
 def load_data(codes: Path) -> dict[str, Any]:
     manifest = json.loads((codes / "manifest.json").read_text())
     xv, yv = load_split(codes, "val")
