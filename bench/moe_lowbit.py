@@ -39,6 +39,7 @@ from layers.moe.lowbit import LowBitSpec, QuantizedMatrix, bits_per_weight, quan
 
 SETTINGS: dict[str, LowBitSpec | None] = {
     "fp16": None,
+    "fsq-255": LowBitSpec("fsq", group=1, levels=255),
     "fsq-15": LowBitSpec("fsq", group=1, levels=15),
     "fsq-7": LowBitSpec("fsq", group=1, levels=7),
     "fsq-3": LowBitSpec("fsq", group=1, levels=3),
