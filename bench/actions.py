@@ -6,7 +6,8 @@ For each task (``pusht``, ``mountain_car``):
    their success rate, final coverage and mode counts are the expert's figures on the training seeds;
 2. policies trained on exactly those demonstrations, through the train command and the shipped
    configs with the same history/chunk: ``configs/bc_mlp.yaml`` and, when the model half exists,
-   ``configs/action_vq.yaml`` then ``configs/vqbet.yaml`` (tokenizer first, frozen, then the policy);
+   ``configs/action_vq.yaml`` then ``configs/vqbet.yaml`` (tokenizer first, frozen, then the policy) and
+   ``configs/action_ar.yaml`` (the plain AR-over-codes policy over the same frozen tokenizer);
 3. closed-loop rollouts on held-out seeds (``data.actions.heldout_seeds``): success rate, mean final
    coverage (PushT), mean steps to goal;
 4. multimodality: ``M`` rollouts from ONE start state with different policy seeds, the share of each
@@ -110,6 +111,19 @@ def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tup
     out["vqbet"] = (SeededPolicy(model), int(model.history))
     log["training"][f"vqbet_{env}"] = {"tokenizer_steps": tok_steps, "steps": steps,
                                        "params": sum(p.numel() for p in model.parameters())}
+    if args.skip_ar or not (ROOT / "configs/action_ar.yaml").is_file():
+        return out
+    try:  # the plain AR-over-codes policy over the same frozen tokenizer: no offsets, no focal loss
+        ar_ckpt = train_config("configs/action_ar.yaml", f"action_ar_{env}", runs,
+                               [*data, f"model.params.tokenizer={tok.resolve()}", f"trainer.max_steps={steps}",
+                                f"trainer.val_check_interval={steps}"])
+        ar = load_prior(ar_ckpt).eval()
+    except Exception as err:  # noqa: BLE001
+        log["training"][f"action_ar_{env}"] = f"failed: {type(err).__name__}: {err}"
+        print(f"  AR policy failed: {err!r}", flush=True)
+        return out
+    out["action_ar"] = (SeededPolicy(ar), int(ar.history))
+    log["training"][f"action_ar_{env}"] = {"steps": steps, "params": sum(p.numel() for p in ar.parameters())}
     return out
 
 
@@ -147,21 +161,27 @@ def run_env(env: str, args: argparse.Namespace, log: dict) -> None:
 
 
 def first_push_mass(runs: Path, samples: int = 200) -> None:
-    """MountainCar: the share of LEFT first actions each trained policy samples at a few start states
-    (a history of two identical start observations, v = 0) — where the expert is 50/50."""
+    """MountainCar: the share of LEFT first actions each trained policy (VQ-BeT, the AR policy when trained)
+    samples at a few start states (a history of two identical start observations, v = 0) — where the
+    expert is 50/50."""
     from data.actions import make_env
     from stage2.bc_mlp import BCMLP
     from stage2.prior import load_prior
 
     vqbet = load_prior(runs / "vqbet_mountain_car" / "checkpoints" / "last.ckpt").eval()
     bc = BCMLP.load(runs / "bc_mlp_mountain_car" / "checkpoints" / "last.ckpt")
+    ar_ckpt = runs / "action_ar_mountain_car" / "checkpoints" / "last.ckpt"
+    samplers = {"VQ-BeT": vqbet} | ({"AR over codes": load_prior(ar_ckpt).eval()} if ar_ckpt.is_file() else {})
     g = torch.Generator().manual_seed(0)
     for seed in heldout_seeds(1, offset=10_000) + heldout_seeds(4):
         obs, _ = make_env("mountain_car").reset(seed=seed)
         hist = np.stack([obs, obs]).astype(np.float32)
-        first = np.array([vqbet.policy(hist, generator=g)[0, 0] for _ in range(samples)])
-        print(f"start position {obs[0]:.3f}: VQ-BeT first action left in {np.mean(first < 0):.2f} of {samples} "
-              f"samples (mean {first.mean():+.2f}); MLP first action {bc.policy(hist)[0, 0]:+.3f}")
+        shares = []
+        for name, model in samplers.items():
+            first = np.array([model.policy(hist, generator=g)[0, 0] for _ in range(samples)])
+            shares.append(f"{name} first action left in {np.mean(first < 0):.2f} of {samples} samples "
+                          f"(mean {first.mean():+.2f})")
+        print(f"start position {obs[0]:.3f}: {'; '.join(shares)}; MLP first action {bc.policy(hist)[0, 0]:+.3f}")
 
 
 def save(log: dict, args: argparse.Namespace) -> None:
@@ -175,6 +195,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "actions.json"))
     p.add_argument("--mode-rollouts", type=int, default=16)
     p.add_argument("--skip-vqbet", action="store_true")
+    p.add_argument("--skip-ar", action="store_true",
+                   help="skip the plain AR-over-codes policy (configs/action_ar.yaml)")
     p.add_argument("--first-push-mass", action="store_true",
                    help="only: MountainCar first-action mode mass of the policies already trained under --runs")
     p.add_argument("--pusht-episodes", type=int, default=100)
