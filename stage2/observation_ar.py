@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from stage2.ar import ARPrior
 from stage2.observation import ObservationContext, ObservationPrior
 from stage2.transformer_prior import init_gpt_weights
@@ -30,3 +32,10 @@ class ObservationARPrior(ARPrior, ObservationPrior):
                              "drop context_level")
         self.context = ObservationContext(self.obs_dim, self.history, self.dim, self.seq_len, context_hidden)
         self.context.apply(init_gpt_weights)
+
+    def sample(self, n: int, *args: Any, context: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Codes ``(n, 1, depth)`` for ``n`` normalised observation histories ``context`` ``(n, h, O)``."""
+        if context is None or context.shape[0] != n:
+            raise ValueError("the AR policy samples codes for observation histories: pass context=obs of shape "
+                             "(n, h, O); to act, roll it out (data.actions.rollout with model.as_policy())")
+        return super().sample(n, *args, context=context, **kwargs)

@@ -231,6 +231,8 @@ def test_observation_ar_prior_conditions_on_observations_and_learns(tokenizer_pa
     assert not torch.allclose(logits, other), "the observations must change the code logits"
     assert model.sample(4, context=obs, temperature=0.0).shape == (4, 1, 2)
     assert model.policy(obs[0].numpy(), temperature=0.0).shape == (CHUNK, ACT)
+    with pytest.raises(ValueError, match="observation histories"):  # not the code-grid context's message
+        model.sample(4)
 
 
 # --- with the real demonstrations and environment (data.actions) -------------------------------------
