@@ -90,17 +90,18 @@ def lightning_like_step(codec: AudioCodec, opt_g, opt_d, x: torch.Tensor) -> Non
     from stage1.losses.audio import discriminator_hinge_loss
 
     codec.train()
+    logits_real, feats_real = codec.discriminator(x)  # once per step, as training_step does
     xrec, q, aux = codec(x)
     for p in codec.discriminator.parameters():  # toggle_optimizer(opt_g)
         p.requires_grad_(False)
-    losses = codec.generator_losses(x, xrec, adversarial=True)
+    losses = codec.generator_losses(x, xrec, adversarial=True, feats_real=feats_real)
     loss = sum(codec.weights[k] * v for k, v in losses.items()) + q.loss
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
     for p in codec.discriminator.parameters():
         p.requires_grad_(True)
-    d = discriminator_hinge_loss(codec.discriminator(x)[0], codec.discriminator(xrec.detach())[0])
+    d = discriminator_hinge_loss(logits_real, codec.discriminator(xrec.detach())[0])
     opt_d.zero_grad(set_to_none=True)
     d.backward()
     opt_d.step()
@@ -228,8 +229,11 @@ def main() -> None:
         return step_ours(m, opts[name], x, levels)
 
     if args.profile:
-        results["profile"] = {name: profile_step(lambda x, n=name: step(n, x, 8), batch, args.profile)
-                              for name in models}
+        results["profile"] = {}
+        for name in models:  # written after each model: a run cut short keeps what it measured
+            results["profile"][name] = profile_step(lambda x, n=name: step(n, x, 8), batch, args.profile)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
         d_opt = torch.optim.Adam(ref.discriminator.parameters(), lr=args.lr)
         results["profile"]["ours, one Lightning training_step with the discriminator"] = profile_step(
             lambda x: lightning_like_step(ref, opts.get("ours (EnCodec-like EMA RVQ)") or torch.optim.Adam(
