@@ -198,3 +198,18 @@ def test_labels_beyond_the_priors_classes_are_refused_before_training(run_root, 
     with pytest.raises((ConfigError, ValueError), match="num_classes"):
         train(CONFIGS / "smoke" / "ar.yaml", run_root, [f"data.params.codes={tmp_path / 'codes'}",
                                                         "model.params.num_classes=2", "trainer.max_steps=2"])
+
+
+def test_starting_a_finished_run_again_leaves_its_checkpoint_bytes_alone(run_root):
+    """Priors record their tokenizer's SHA-256; re-running a finished tokenizer run must not rewrite it."""
+    from data.codes import sha256_file
+
+    overrides = ["trainer.max_steps=2", "trainer.limit_val_batches=1"]
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, overrides, name="done")
+    last = run_root / "done" / "checkpoints" / "last.ckpt"
+    before = sha256_file(last)
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, overrides, name="done")
+    assert sha256_file(last) == before
+    train(CONFIGS / "smoke" / "vqvae.yaml", run_root, ["trainer.max_steps=3", "trainer.limit_val_batches=1"],
+          name="done")
+    assert sha256_file(last) != before  # a longer budget trains on and saves

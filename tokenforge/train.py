@@ -197,6 +197,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     found = resume_checkpoint(ckpt_dir)
+    resumed_step = None
     saved_cfg = run_dir / "config.yaml"
     if found and saved_cfg.is_file() and OmegaConf.to_container(OmegaConf.load(saved_cfg)) != cfg:
         rank_zero_warn(f"{saved_cfg} differs from the config given now; resuming with the new one. "
@@ -211,6 +212,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     if found:
         resume_from, saved = found
         check_resumable(saved, resume_from, model)
+        resumed_step = saved.get("global_step")
         del saved
         rank_zero_info(f"resuming from {resume_from}")
     for done in apply_runtime_options(model, runtime):
@@ -222,7 +224,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     if rank_zero:  # only after the resume check: a refused resume leaves the run's config untouched
         atomic_write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(found[0]) if found else None, weights_only=True)
-    if not trainer.interrupted:
+    # A finished run started again trains nothing: its last.ckpt stays byte for byte what it was (a
+    # re-save would change the file's SHA-256, and the priors that recorded it would refuse it).
+    unchanged = found is not None and resumed_step == trainer.global_step and found[0] == last
+    if not trainer.interrupted and not unchanged:
         trainer.save_checkpoint(last, weights_only=False)
     rank_zero_info(f"run folder: {run_dir}  (checkpoint: {last})")
     return trainer
