@@ -169,7 +169,9 @@ class Prior(pl.LightningModule):
             self.hparams[key] = plain(self.hparams[key])
         self.hparams.update(code_spec=spec, num_classes=num_classes, tokenizer_path=tokenizer_path)
         self.code_spec, self.num_classes, self.tokenizer_path = spec, num_classes, tokenizer_path
-        if num_classes and codes is not None and self.hparams.get("class_names") is None:
+        # only when the folder is what the spec came from: a prior rebuilt from its stored hparams (spec
+        # given) must not need the folder it was trained on
+        if num_classes and codes is not None and code_spec is None and self.hparams.get("class_names") is None:
             from data.codes import code_folder_info  # the folder's names of its classes, kept for sample --class
 
             names = code_folder_info(codes).get("class_names")
