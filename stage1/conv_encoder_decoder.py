@@ -56,7 +56,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *grid = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, -1).transpose(-1, -2).unbind(1)
+        # (B, 3, N, C) made contiguous once: strided q/k/v views send CPU SDPA to its slower math path
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, -1).transpose(-1, -2).contiguous().unbind(1)
         h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         return x + self.proj(h.transpose(-1, -2).reshape(b, c, *grid))
 
