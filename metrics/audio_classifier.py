@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from metrics.classifier_fit import fit_classifier
+
 CHECKPOINT_FORMAT = "tokenforge.audio_digit_classifier/1"
 
 
@@ -85,17 +87,7 @@ def train_digit_classifier(x: Tensor, y: Tensor, sample_rate: int = 16000, epoch
     torch.manual_seed(seed)
     model = DigitClassifier(sample_rate, num_classes=int(y.max()) + 1, **kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i: i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit_classifier(model, x, y, opt, epochs, batch_size, seed)
 
 
 @torch.no_grad()

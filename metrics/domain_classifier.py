@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metrics.classifier_fit import fit_classifier
 
 CHECKPOINT_FORMAT = "tokenforge.domain_classifier/1"
 
@@ -177,7 +178,6 @@ def train_domain_classifier(
         raise ValueError(f"train_x must be square images (N, C, H, W), got {tuple(train_x.shape)}")
     to_float = _uint8_to_float if train_x.dtype == torch.uint8 else (lambda t: t.float())
     num_classes = int(num_classes if num_classes is not None else int(train_y.max()) + 1)
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DomainClassifier(train_x.shape[1], num_classes, train_x.shape[-1], width).to(device)
     model.dataset = dataset
@@ -185,25 +185,14 @@ def train_domain_classifier(
     steps = epochs * ((len(train_x) + batch_size - 1) // batch_size)
     # Cosine decay to zero over the run: in a one-epoch budget it gains ~2 points over a constant rate.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    train_y = train_y.long()
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=gen)
-        total, seen = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            xb, yb = to_float(train_x[idx]).to(device), train_y[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+
+    def report(epoch: int, mean_loss: float) -> None:
         if log is not None:
-            elapsed = time.perf_counter() - start
-            log(f"epoch {epoch + 1}/{epochs}: train loss {total / seen:.4f} ({elapsed:.1f} s)")
+            log(f"epoch {epoch + 1}/{epochs}: train loss {mean_loss:.4f} ({time.perf_counter() - start:.1f} s)")
+
+    fit_classifier(model, train_x, train_y, opt, epochs, batch_size, seed, scheduler=sched,
+                   prepare=lambda xb: to_float(xb).to(device), on_epoch=report)
     test_acc = accuracy(_FloatInputs(model, to_float), test_x, test_y.long())
     model.test_accuracy = test_acc
     if log is not None:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metrics.classifier_fit import fit_classifier
+
 CHECKPOINT_FORMAT = "tokenforge.motion_clip_classifier/1"
 
 # GMD's thresholds (metres, m/s, frames), see the module docstring.
@@ -273,18 +275,7 @@ def train_motion_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    return fit_classifier(model, x, y, opt, epochs, batch_size, seed, scheduler=sched)
 
 
 # --------------------------------------------------------------------------------------------------
