@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.atomic import atomic_write
 from metrics.classifier_fit import fit_classifier
 
 CHECKPOINT_FORMAT = "tokenforge.motion_clip_classifier/1"
@@ -214,19 +215,11 @@ class MotionClipClassifier(nn.Module):
         return self.head(self.features(x))
 
     def save(self, path: str | os.PathLike, val_accuracy: float | None = None) -> Path:
-        """Plain tensors and Python values (``weights_only`` loads it), written to a temporary name and renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Plain tensors and Python values (``weights_only`` loads it), written atomically."""
         payload = {"format": CHECKPOINT_FORMAT, "hparams": self.hparams,
                    "val_accuracy": None if val_accuracy is None else float(val_accuracy),
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MotionClipClassifier:
