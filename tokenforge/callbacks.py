@@ -167,8 +167,9 @@ class MoELoadHistory(pl.Callback):
     """Per-expert load of every MoE layer over training, kept in the checkpoint for ``evaluate``.
 
     Forward hooks on the MoE layers (and mixture-of-attention-heads layers) read the ``load``,
-    ``router_entropy`` and ``dropped_fraction`` each forward reports; every ``every_n_steps`` training
-    steps the means over that step's forwards are appended. The history is this callback's state, so
+    ``router_entropy`` and ``dropped_fraction`` each forward reports, on every ``every_n_steps``-th
+    training step only (the other steps pay one flag check per layer), and the means over that step's
+    forwards are appended. The history is this callback's state, so
     it lives in every checkpoint (``checkpoint["callbacks"]``), survives a resume, and loads with
     ``weights_only=True`` (lists of floats).
     """
@@ -178,6 +179,7 @@ class MoELoadHistory(pl.Callback):
         self.history: dict[str, Any] = {"steps": [], "layers": {}}
         self._handles: list[Any] = []
         self._seen: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._recording = False
 
     @staticmethod
     def moe_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -191,7 +193,7 @@ class MoELoadHistory(pl.Callback):
 
     def _hook(self, name: str):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if not module.training or not isinstance(output, tuple):
+            if not self._recording or not module.training or not isinstance(output, tuple):
                 return
             aux = output[1]
             self._seen.setdefault(name, []).append(
@@ -199,9 +201,13 @@ class MoELoadHistory(pl.Callback):
 
         return hook
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # the step that ends at global_step 1, 1 + n, 1 + 2n, ... starts at 0, n, 2n, ...
+        self._recording = bool(self._handles) and trainer.global_step % self.every_n_steps == 0
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        seen, self._seen = self._seen, {}
-        if not seen or (trainer.global_step - 1) % self.every_n_steps:  # steps 1, 1 + n, 1 + 2n, ...
+        seen, self._seen, self._recording = self._seen, {}, False
+        if not seen:
             return
         self.history["steps"].append(int(trainer.global_step))
         for name, records in seen.items():

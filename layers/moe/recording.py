@@ -32,7 +32,7 @@ class LayerTally:
     """Assignment counts of one MoE layer over everything committed so far."""
 
     num_experts: int
-    load: Tensor = None  # (E,)
+    load: Tensor = field(init=False)  # (E,) assignments per expert
     position: Tensor | None = None  # (T, E), T = the longest sequence seen
     by_class: Tensor | None = None  # (C, E)
     by_value: Tensor | None = None  # (V, E)
