@@ -51,45 +51,27 @@ def shapes_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_and_codes(tmp_path_factory):
     """A tiny VQ-VAE trained on fashion_mnist and its code folder (train 256 / val 64 items)."""
-    from helpers import CONFIGS, train
-    from tokenforge.tokenize import main as tokenize
+    from helpers import train_and_tokenize
 
-    root = tmp_path_factory.mktemp("e2e")
-    train(CONFIGS / "smoke" / "vqvae.yaml", root / "runs", ["trainer.max_steps=12"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("e2e"), "vqvae", ["trainer.max_steps=12"])
 
 
 @pytest.fixture(scope="session")
 def klvae_and_latents(tmp_path_factory):
     """A tiny KL-VAE trained on fashion_mnist and its folder of float16 latents (train 256 / val 64 items)."""
-    from helpers import CONFIGS, train
-    from tokenforge.tokenize import main as tokenize
+    from helpers import train_and_tokenize
 
-    root = tmp_path_factory.mktemp("latents")
-    train(CONFIGS / "smoke" / "klvae.yaml", root / "runs", ["trainer.max_steps=8", "model.params.disc_start=null"],
-          name="kl")
-    ckpt = root / "runs" / "kl" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("latents"), "klvae",
+                              ["trainer.max_steps=8", "model.params.disc_start=null"], name="kl")
 
 
 @pytest.fixture(scope="session")
 def vqvae2_and_codes(tmp_path_factory):
     """A tiny two-level VQ-VAE-2 (4x4 top over 8x8 bottom) trained on fashion_mnist at 16 px, and its
     hierarchical code folder (train 256 / val 64 items, labelled)."""
-    from helpers import CONFIGS, train
-    from tokenforge.tokenize import main as tokenize
+    from helpers import train_and_tokenize
 
-    root = tmp_path_factory.mktemp("vqvae2")
-    train(CONFIGS / "smoke" / "vqvae2.yaml", root / "runs", ["trainer.max_steps=12"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("vqvae2"), "vqvae2", ["trainer.max_steps=12"])
 
 
 @pytest.fixture(scope="session")

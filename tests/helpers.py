@@ -20,6 +20,19 @@ def train(config: str | Path, runs: Path, overrides: Sequence[str] = (), name: s
     return main(argv)
 
 
+def train_and_tokenize(root: Path, config: str, overrides: Sequence[str] = (), name: str = "tok",
+                       shard_size: int = 64, batch_size: int = 32) -> tuple[Path, Path]:
+    """Train ``configs/smoke/<config>.yaml`` into ``root/runs/<name>`` and tokenize its data into
+    ``root/codes``: (checkpoint, code folder)."""
+    from tokenforge.tokenize import main as tokenize
+
+    train(CONFIGS / "smoke" / f"{config}.yaml", root / "runs", overrides, name=name)
+    ckpt = root / "runs" / name / "checkpoints" / "last.ckpt"
+    codes = root / "codes"
+    tokenize([str(ckpt), "--out", str(codes), "--shard-size", str(shard_size), "--batch-size", str(batch_size)])
+    return ckpt, codes
+
+
 def logged_series(run_dir: Path, keys: Sequence[str] = LOSS_KEYS) -> tuple[str, list[float]]:
     """The first of ``keys`` that the run logged, as a list of finite-or-not floats in step order."""
     rows = list(csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv")))

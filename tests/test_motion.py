@@ -50,7 +50,7 @@ from data.rotations import (
     rotation_6d_to_quat,
     yaw_quat,
 )
-from helpers import CONFIGS, train
+from helpers import CONFIGS, train, train_and_tokenize
 from stage1.modalities.motion import KinematicLoss, MotionReconstructionMetric, positions_of
 
 SMALL_CLIPS = ("backflip", "walk", "kick")
@@ -292,14 +292,8 @@ def test_sample_metrics_score_real_windows_as_a_perfect_generator(tmp_path):
 # ---------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def motion_tokenizer_and_codes(tmp_path_factory):
-    from tokenforge.tokenize import main as tokenize
-
-    root = tmp_path_factory.mktemp("motion")
-    train(CONFIGS / "smoke" / "motion_vq.yaml", root / "runs", ["trainer.max_steps=12"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "16"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("motion"), "motion_vq", ["trainer.max_steps=12"],
+                              batch_size=16)
 
 
 def test_the_motion_tokenizer_records_its_spec_and_evaluates_in_metres(motion_tokenizer_and_codes, tmp_path):

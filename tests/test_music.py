@@ -323,15 +323,10 @@ def test_a_cross_entropy_tokenizer_decodes_probabilities_and_needs_its_classes()
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def music_tokenizer_and_codes(tmp_path_factory, chorales):
-    from helpers import CONFIGS, train
-    from tokenforge.tokenize import main as tokenize
+    from helpers import train_and_tokenize
 
-    root = tmp_path_factory.mktemp("music")
-    train(CONFIGS / "smoke" / "music_vq.yaml", root / "runs", ["trainer.max_steps=10"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "256", "--batch-size", "64"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("music"), "music_vq", ["trainer.max_steps=10"],
+                              shard_size=256, batch_size=64)
 
 
 def test_tiny_tokenizer_to_prior_to_midi_that_music21_reads_back(music_tokenizer_and_codes, tmp_path):

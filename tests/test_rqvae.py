@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONFIGS, train
+from helpers import CONFIGS, train, train_and_tokenize
 from layers.instantiate import instantiate
 from stage1.depth_eval import DepthReconstruction, decode_first_levels, residual_depth
 from tokenforge.config import load_config, to_plain
@@ -75,14 +75,7 @@ def test_depth_reconstruction_follows_the_psnr_formula():
 
 @pytest.fixture(scope="module")
 def rq_tokenizer_and_codes(tmp_path_factory):
-    from tokenforge.tokenize import main as tokenize
-
-    root = tmp_path_factory.mktemp("rq")
-    train(CONFIGS / "smoke" / "rqvae_fmnist.yaml", root / "runs", ["trainer.max_steps=8"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "64", "--batch-size", "32"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("rq"), "rqvae_fmnist", ["trainer.max_steps=8"])
 
 
 def test_tiny_rqvae_codes_train_an_rq_transformer_whose_samples_decode(rq_tokenizer_and_codes, tmp_path):

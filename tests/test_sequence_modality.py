@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from data.sequence import SequenceDataModule, sine_mixtures
-from helpers import CONFIGS, train
+from helpers import CONFIGS, train, train_and_tokenize
 from stage1 import load_tokenizer
 from stage1.modalities import available, get_modality
 from stage1.modalities.sequence import SequenceReconstruction, log_spectrum
 from tokenforge.evaluate import main as evaluate
 from tokenforge.sample import main as sample
-from tokenforge.tokenize import main as tokenize
 
 
 def test_sines_are_deterministic_in_range_and_their_class_is_the_dominant_frequency():
@@ -77,12 +76,8 @@ def test_sequence_reconstruction_metrics_match_their_formulas():
 
 @pytest.fixture(scope="module")
 def sequence_tokenizer_and_codes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seq")
-    train(CONFIGS / "smoke" / "sequence_vq.yaml", root / "runs", ["trainer.max_steps=20"], name="tok")
-    ckpt = root / "runs" / "tok" / "checkpoints" / "last.ckpt"
-    codes = root / "codes"
-    tokenize([str(ckpt), "--out", str(codes), "--shard-size", "128", "--batch-size", "32"])
-    return ckpt, codes
+    return train_and_tokenize(tmp_path_factory.mktemp("seq"), "sequence_vq", ["trainer.max_steps=20"],
+                              shard_size=128)
 
 
 def test_the_tokenizer_records_the_sequence_modality_and_writes_1d_codes(sequence_tokenizer_and_codes):
