@@ -309,6 +309,14 @@ def code_folder_info(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # -- writing --------------------------------------------------------------------------------------
+
+def _per_item_ints(values: Any, n: int, what: str) -> np.ndarray:
+    """One non-negative integer per item (labels, clip lengths) as int64, or a CodeFileError saying why not."""
+    values = _to_numpy(values)
+    if values.shape != (n,) or values.dtype.kind not in "iu" or (n and values.min() < 0):
+        raise CodeFileError(f"{what} must be non-negative integers of shape ({n},), got {values.dtype} {values.shape}")
+    return np.ascontiguousarray(values, dtype=np.int64)
+
 class CodeWriter:
     """Write code shards into ``folder``, resumably.
 
@@ -480,19 +488,10 @@ class CodeWriter:
             if lo < 0 or hi >= self.code_spec["codebook_size"]:
                 size = self.code_spec["codebook_size"]
                 raise CodeFileError(f"codes span [{lo}, {hi}], outside the codebook [0, {size})")
-        if labels is not None:
-            labels = _to_numpy(labels)
-            if labels.shape != (n,) or labels.dtype.kind not in "iu" or (n and labels.min() < 0):
-                raise CodeFileError(f"labels must be non-negative integers of shape ({n},), "
-                                    f"got {labels.dtype} {labels.shape}")
-            # Labels first, codes last: the codes file's existence marks the shard complete.
-            _save_npy(self.folder / labels_name(split, index), np.ascontiguousarray(labels, dtype=np.int64))
-        if lengths is not None:
-            lengths = _to_numpy(lengths)
-            if lengths.shape != (n,) or lengths.dtype.kind not in "iu" or (n and lengths.min() < 0):
-                raise CodeFileError(f"lengths must be non-negative integers of shape ({n},), "
-                                    f"got {lengths.dtype} {lengths.shape}")
-            _save_npy(self.folder / lengths_name(split, index), np.ascontiguousarray(lengths, dtype=np.int64))
+        # Labels and lengths first, codes last: the codes file's existence marks the shard complete.
+        for values, what, name in ((labels, "labels", labels_name), (lengths, "lengths", lengths_name)):
+            if values is not None:
+                _save_npy(self.folder / name(split, index), _per_item_ints(values, n, what))
         _save_npy(self.folder / shard_name(split, index), np.ascontiguousarray(codes, dtype=self.dtype))
         self._entries.setdefault(split, {})[index] = self._describe(split, index)
         self._write_manifest(complete=False)
