@@ -39,10 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from stage2.ar import ARPrior
 from stage2.maskgit import MaskGITPrior
 
 DIM, DEPTH, HEADS = 96, 4, 4  # --dim / --depth change them; the FFN sizes follow the width
 EXPERTS = 8
+PRIORS = {"maskgit": MaskGITPrior, "ar": ARPrior}
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
@@ -79,10 +81,13 @@ def load_split(codes: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def build(variant: str, spec: dict[str, Any], num_classes: int, args: argparse.Namespace) -> MaskGITPrior:
-    return MaskGITPrior(code_spec=spec, num_classes=num_classes, dim=args.dim, depth=args.depth, heads=HEADS,
-                        dropout=0.0, lr=1e-3, warmup_steps=min(50, args.steps // 10), max_steps=args.steps,
-                        label_smoothing=0.0, **variants(args.dim)[variant])
+def build(variant: str, spec: dict[str, Any], num_classes: int, args: argparse.Namespace,
+          prior: str = "maskgit") -> MaskGITPrior | ARPrior:
+    """The study's prior (``prior``: ``maskgit``, or ``ar``, which refuses expert choice and soft MoE)."""
+    extra = {"label_smoothing": 0.0} if prior == "maskgit" else {}
+    return PRIORS[prior](code_spec=spec, num_classes=num_classes, dim=args.dim, depth=args.depth, heads=HEADS,
+                         dropout=0.0, lr=1e-3, warmup_steps=min(50, args.steps // 10), max_steps=args.steps,
+                         **extra, **variants(args.dim)[variant])
 
 
 @torch.no_grad()
@@ -104,8 +109,14 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def run(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    return train_variant(variant, seed, data, args)[1]
+
+
+def train_variant(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace,
+                  prior: str = "maskgit") -> tuple[MaskGITPrior | ARPrior, dict[str, Any]]:
+    """Train one variant for one seed: (the trained prior, its record: curve, final NLL, time, parameters)."""
     torch.manual_seed(seed)
-    model = build(variant, data["spec"], data["num_classes"], args)
+    model = build(variant, data["spec"], data["num_classes"], args, prior)
     configured = model.configure_optimizers()
     opt = configured["optimizer"] if isinstance(configured, dict) else configured[0][0]
     sched = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else configured[1][0]
@@ -125,8 +136,8 @@ def run(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace)
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, validation_nll(model, *data["val"])))
     print(f"  {variant:14s} seed {seed}: val NLL {curve[-1][1]:.4f}  ({train_s:.0f} s)", flush=True)
-    return {"variant": variant, "seed": seed, "curve": curve, "final": curve[-1][1], "train_s": train_s,
-            "parameters": count_parameters(model)}
+    return model.eval(), {"variant": variant, "seed": seed, "curve": curve, "final": curve[-1][1],
+                          "train_s": train_s, "parameters": count_parameters(model)}
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
