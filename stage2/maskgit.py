@@ -125,25 +125,47 @@ def _sample_tokens(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample one token per position; return it and its log-probability under the sampling law.
+    """Sample one token per row of ``logits`` ``(..., V)``; return it and its log-probability under the
+    sampling law.
 
     Same order as :func:`stage2.sampling.sample_from_logits` (temperature, then top-k/top-p), but
     the log-probabilities are needed as confidences, so the steps are spelled out here. Temperature
     0 is greedy; the confidences then come from the untempered (filtered) softmax, so the ranking of
     positions is still meaningful.
+
+    Sampled with top-k alone, only the ``k`` kept logits are normalised and drawn from (the law of
+    ``filter_logits``, whose masked tokens have probability 0; when the k-th and (k+1)-th logits tie,
+    ``filter_logits`` keeps every tie and so does the fallback to the full rows here). A draw is one
+    uniform per row against the cumulative probabilities (:func:`_categorical`), not
+    ``torch.multinomial``, whose CPU path draws an exponential variate for every entry of the row.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
+    choices = None
+    if temperature > 0 and top_k is not None and top_p is None and 1 <= top_k < logits.shape[-1]:
+        values, index = logits.topk(top_k + 1, dim=-1)  # descending; the extra one tells a tie at the k-th
+        if not (values[..., top_k] == values[..., top_k - 1]).any():
+            logits, choices, top_k = values[..., :top_k], index[..., :top_k], None
     logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
     if temperature == 0:
         tokens = logp.argmax(dim=-1)
     else:
-        flat = logp.reshape(-1, logp.shape[-1]).exp()
-        tokens = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1])
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens = _categorical(logp.reshape(-1, logp.shape[-1]).exp(), generator).reshape(logp.shape[:-1])
+    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if choices is not None:
+        tokens = choices.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens, picked
+
+
+def _categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of ``probs`` ``(R, V)`` (rows need not sum to 1): inverse CDF with one uniform per
+    row. A token of probability 0 is never drawn (its cumulative sum equals its predecessor's)."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -186,14 +208,16 @@ def maskgit_decode(
                 f"logits_fn must return (B, N, V) with V <= mask id {mask_id} (the mask is never a "
                 f"prediction), got {tuple(logits.shape)} for tokens {tuple(tokens.shape)}"
             )
-        sampled, logp = _sample_tokens(logits, temperature, top_k, top_p, generator)
-        sampled = torch.where(unknown, sampled, tokens)
+        # only the still-masked positions are sampled and scored: fixed tokens keep their code and
+        # confidence +inf, so drawing (and noising) theirs would be thrown away
+        drawn, logp = _sample_tokens(logits[unknown], temperature, top_k, top_p, generator)
+        sampled = tokens.masked_scatter(unknown, drawn)
         noise_scale = choice_temperature * (1.0 - (t + 1) / steps)
-        confidence = logp + noise_scale * gumbel_noise(logp.shape, generator, device)
-        confidence = torch.where(unknown, confidence, torch.full_like(confidence, float("inf")))
+        confidence = torch.full((batch, length), float("inf"), device=device)
+        confidence[unknown] = logp + noise_scale * gumbel_noise(logp.shape, generator, device)
         n_remask = remask_counts(t, steps, length, unknown.sum(dim=1), schedule)
         remask = _lowest_ranks(confidence, n_remask)
-        tokens = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+        tokens = sampled.masked_fill(remask, mask_id)
     return tokens
 
 
