@@ -65,9 +65,10 @@ class SeededPolicy:
         return self.model.policy(obs_history, generator=self.generator)
 
 
-def data_overrides(env: str, episodes: int) -> list[str]:
+def data_overrides(env: str, episodes: int, val_fraction: float) -> list[str]:
     return [f"data.params.env={env}", f"data.params.num_episodes={episodes}", "data.params.seed=0",
-            f"data.params.history={HISTORY}", f"data.params.chunk={CHUNK}", "data.params.progress=false"]
+            f"data.params.history={HISTORY}", f"data.params.chunk={CHUNK}", "data.params.progress=false",
+            f"data.params.val_fraction={val_fraction}"]
 
 
 def train_config(config: str, name: str, runs: Path, overrides: list[str]) -> Path:
@@ -85,7 +86,7 @@ def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tup
 
     runs = Path(args.runs)
     steps = args.steps[env]
-    data = data_overrides(env, args.episodes[env])
+    data = data_overrides(env, args.episodes[env], args.val_fraction[env])
     out: dict[str, tuple[Any, int]] = {"expert": (make_expert(env), 1)}
     bc = BCMLP.load(train_config("configs/bc_mlp.yaml", f"bc_mlp_{env}", runs,
                                  [*data, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]))
@@ -136,6 +137,7 @@ def run_env(env: str, args: argparse.Namespace, log: dict) -> None:
         "success_rate": float(demos.success.mean()), "mean_length": float(demos.lengths.mean()),
         "mean_final_coverage": None if np.isnan(demos.final_coverage).all() else float(np.mean(demos.final_coverage)),
         "modes": {name: int((demos.modes == i).sum()) for i, name in enumerate(info.mode_names)},
+        "val_fraction": args.val_fraction[env], "history": HISTORY, "chunk": CHUNK,
     }
     save(log, args)
     policies = policies_for(env, args, log)
@@ -202,12 +204,16 @@ def main() -> None:
     p.add_argument("--pusht-episodes", type=int, default=100)
     p.add_argument("--pusht-eval", type=int, default=20)
     p.add_argument("--pusht-steps", type=int, default=1500)
+    p.add_argument("--pusht-val-fraction", type=float, default=0.0,
+                   help="PushT demonstrations held out of training (default 0: policies learn from every "
+                        "demonstration and are judged by rollouts; MountainCar keeps the configs' 0.1)")
     p.add_argument("--mc-steps", type=int, default=1000)
     args = p.parse_args()
     args.episodes = {"pusht": args.pusht_episodes, "mountain_car": 200}
     args.eval_episodes = {"pusht": args.pusht_eval, "mountain_car": 50}
     args.steps = {"pusht": args.pusht_steps, "mountain_car": args.mc_steps}
     args.tokenizer_steps = {"pusht": args.pusht_steps, "mountain_car": args.mc_steps}
+    args.val_fraction = {"pusht": args.pusht_val_fraction, "mountain_car": 0.1}
     args.gif_every = 3
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.first_push_mass:

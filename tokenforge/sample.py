@@ -11,6 +11,10 @@ prior is sampled after the prior of its ``context_level`` and receives those cod
 then bottom); the tokenizer decodes all levels together. The sampling flags of every named prior are
 offered, each prior takes the ones it declares, and ``samples.json`` records every prior's settings
 (``priors``); the codes go to ``codes.npz``, one array per level.
+
+A policy checkpoint (VQ-BeT, the AR-over-codes policy, the MLP baseline of the actions modality) is
+sampled by rolling it out in its environment: ``-n`` episodes from held-out start states, one GIF each
+and ``rollouts.json`` (``stage2/observation_rollouts.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import torch
 
 from data.atomic import atomic_write, atomic_write_text
 from stage1.modalities import modality_of
+from stage2.observation_rollouts import policy_target, sample_rollouts
+from stage2.options import sampling_kwargs as option_kwargs
+from stage2.prior import sampling_options_of
 from tokenforge.cli import positive_int
 from tokenforge.runs import open_run
 from tokenforge.sampling_args import add_sampling_flags, sampling_kwargs
@@ -48,6 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in the prior)")
     p.add_argument("--out", help="output folder (default: <run>/samples/<settings>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-steps", type=positive_int, help="policies only: cap each rolled-out episode (default: "
+                                                             "the task's time limit)")
     return p.parse_intermixed_args(argv)
 
 
@@ -121,6 +130,17 @@ def sample_codes(runs: Sequence[Any], n: int, cond: Any, gen: torch.Generator,
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
+    if len(args.checkpoint) == 1 and policy_target(args.checkpoint[0]):
+        # a policy (VQ-BeT, the AR policy, the MLP baseline) turns observations into actions: it is sampled
+        # by rolling it out in its environment, one GIF per episode (stage2/observation_rollouts.py)
+        if args.classes is not None:
+            raise ValueError(f"{args.checkpoint[0]} is a policy: it acts on observations and takes no --class")
+        kwargs = option_kwargs(args, sampling_options_of(args.checkpoint[0]))
+        out = Path(args.out) if args.out else default_out(args, kwargs)
+        return sample_rollouts(args.checkpoint[0], args.num, out, args.seed, kwargs, args.device, args.tokenizer,
+                               max_steps=args.max_steps)
+    if args.max_steps is not None:
+        raise ValueError("--max-steps caps a policy's rollouts; these checkpoints are not policies")
     runs = sampling_order([open_run(c, map_location=args.device, expect="prior", tokenizer=args.tokenizer)
                            for c in args.checkpoint])
     prior, tokenizer, tok_path = runs[-1].model, runs[0].tokenizer, runs[0].tokenizer_path
