@@ -34,7 +34,7 @@ from stage1.autoencoder import (
 )
 from stage1.conv_encoder_decoder import collect_aux
 from stage1.gaussian import DiagonalGaussian
-from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
+from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, generator_objective
 from stage1.modalities import get_modality
 from stage1.tokenizer import Tokenizer
 
@@ -188,20 +188,8 @@ class KLVAE(Tokenizer):
 
         if opt_d is not None:
             self.toggle_optimizer(opt_ae)
-        xrec, q, aux = self(x)
-        nll = self.reconstruction_nll(x, xrec)
-        kl = q.kl().mean()
-        loss = nll + self.hparams.kl_weight * kl + aux.get("aux_loss", 0.0)
-        g_loss = d_weight = torch.zeros((), device=x.device)
-        if disc_on:
-            g_loss = -self.discriminator(xrec).mean()
-            d_weight = torch.tensor(self.hparams.disc_weight, device=x.device)
-            if self.hparams.adaptive_disc_weight:
-                d_weight = adaptive_weight(nll, g_loss, self.decoder.last_layer) * self.hparams.disc_weight
-            loss = loss + d_weight * g_loss
-        self._check_finite(loss, "the KL-VAE loss")
         opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        xrec, q, terms = self.generator_backward(x, disc_on)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
@@ -224,13 +212,32 @@ class KLVAE(Tokenizer):
             self.log("train/d_loss", d_loss.detach(), prog_bar=True)
 
         with torch.no_grad():
-            self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log("train/loss", terms["loss"], prog_bar=True)
             self.log("train/rec_loss", self._mean_rec(x, xrec))
-            self.log("train/nll", nll.detach())
-            self.log("train/kl", kl.detach())
-            self.log("train/kl_per_element", kl.detach() / q.mean[0].numel())
-            self.log("train/g_loss", g_loss.detach())
-            self.log("train/d_weight", d_weight.detach())
+            self.log("train/nll", terms["nll"])
+            self.log("train/kl", terms["kl"])
+            self.log("train/kl_per_element", terms["kl"] / q.mean[0].numel())
+            self.log("train/g_loss", terms["g_loss"])
+            self.log("train/d_weight", terms["d_weight"])
+
+    def generator_backward(self, x: Tensor, disc_on: bool) -> tuple[Tensor, DiagonalGaussian, dict[str, Tensor]]:
+        """Forward the VAE and back-propagate its whole loss once (``manual_backward``), as
+        :meth:`stage1.vqgan.VQGAN.generator_backward`. Returns ``(xrec, posterior, detached loss terms)``."""
+        xrec, q, aux = self(x)
+        nll = self.reconstruction_nll(x, xrec)
+        kl = q.kl().mean()
+        rest = self.hparams.kl_weight * kl + aux.get("aux_loss", 0.0)
+        g_loss = d_weight = torch.zeros((), device=x.device)
+        objective = nll + rest
+        if disc_on:
+            g_loss = -self.discriminator(xrec).mean()
+            last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
+            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest)
+        loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
+        self._check_finite(loss, "the KL-VAE loss")
+        self.manual_backward(objective)
+        return xrec, q, {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "g_loss": g_loss.detach(),
+                         "d_weight": d_weight}
 
     def _mean_rec(self, x: Tensor, xrec: Tensor) -> Tensor:
         """Mean per-pixel reconstruction error (comparable with the quantized tokenizers' rec_loss)."""

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from stage1.autoencoder import QuantizedAutoencoder, warmup_cosine
-from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adaptive_weight
+from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, generator_objective
+from stage1.quantizers.base import QuantizerOutput
 
 
 class VQGAN(QuantizedAutoencoder):
@@ -66,21 +67,8 @@ class VQGAN(QuantizedAutoencoder):
 
         # Autoencoder (generator) update.
         self.toggle_optimizer(opt_ae)
-        xrec, q, aux = self(x)
-        rec, p_loss, nll = self.nll(x, xrec)
-        loss = nll + q.loss + aux.get("aux_loss", 0.0)
-        g_loss = torch.zeros((), device=x.device)
-        d_weight = torch.zeros((), device=x.device)
-        if disc_on:
-            g_loss = -self.discriminator(xrec).mean()
-            if self.hparams.adaptive_disc_weight:
-                d_weight = adaptive_weight(nll, g_loss, self.decoder.last_layer) * self.hparams.disc_weight
-            else:
-                d_weight = torch.tensor(self.hparams.disc_weight, device=x.device)
-            loss = loss + d_weight * g_loss
-        self.check_finite(loss, "the VQGAN autoencoder loss")
         opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        xrec, q, aux, terms = self.generator_backward(x, disc_on)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
@@ -108,13 +96,36 @@ class VQGAN(QuantizedAutoencoder):
             self.log("train/logits_real", logits_real.mean().detach())
             self.log("train/logits_fake", logits_fake.mean().detach())
 
-        self.log("train/rec_loss", rec.detach(), prog_bar=True)
-        self.log("train/p_loss", p_loss.detach())
+        self.log("train/rec_loss", terms["rec"], prog_bar=True)
+        self.log("train/p_loss", terms["p_loss"])
         self.log("train/q_loss", q.loss.detach().float())
-        self.log("train/g_loss", g_loss.detach())
-        self.log("train/d_weight", d_weight.detach())
+        self.log("train/g_loss", terms["g_loss"])
+        self.log("train/d_weight", terms["d_weight"])
         self.log("train/d_loss", d_loss.detach(), prog_bar=True)
         self.log_quantizer_stats("train", q, aux)
+
+    def generator_backward(self, x: Tensor, disc_on: bool) -> tuple[Tensor, QuantizerOutput, dict, dict[str, Tensor]]:
+        """Forward the autoencoder and back-propagate its whole loss once (``manual_backward``).
+
+        ``nll + quantizer loss + aux + d_weight * g_loss``; with the adaptive weight, through
+        :func:`generator_objective`, which passes through the discriminator (input gradients only)
+        and the perceptual net once. Returns ``(xrec, quantizer output, aux, detached loss terms)``.
+        """
+        xrec, q, aux = self(x)
+        rec, p_loss, nll = self.nll(x, xrec)
+        rest = q.loss + aux.get("aux_loss", 0.0)
+        g_loss = d_weight = torch.zeros((), device=x.device)
+        objective = nll + rest
+        if disc_on:
+            g_loss = -self.discriminator(xrec).mean()
+            last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
+            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest)
+        loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
+        self.check_finite(loss, "the VQGAN autoencoder loss")
+        self.manual_backward(objective)
+        terms = {"rec": rec.detach(), "p_loss": p_loss.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight,
+                 "loss": loss}
+        return xrec, q, aux, terms
 
     def configure_optimizers(self) -> Any:
         ae_params = [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]

@@ -49,8 +49,45 @@ def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
+def adaptive_weight_from_grads(nll_grad: Tensor, g_grad: Tensor, max_weight: float = 1e4) -> Tensor:
+    """``||grad nll|| / (||grad g|| + 1e-4)`` clamped to ``[0, max_weight]`` and detached (Esser et al., 2021),
+    from the two gradients at the decoder's last layer."""
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
 def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """Balance GAN and reconstruction gradients at the decoder's last layer (Esser et al., 2021)."""
+    """Balance GAN and reconstruction gradients at the decoder's last layer (Esser et al., 2021).
+
+    Back-propagates both losses all the way to ``last_layer`` (through the discriminator and the
+    perceptual net); the training steps use :func:`generator_objective`, which needs one such pass.
+    """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    return adaptive_weight_from_grads(nll_grad, g_grad, max_weight)
+
+
+def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: Tensor | None, disc_weight: float,
+                        rest: Tensor | float, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
+    """A scalar to back-propagate once for ``nll + rest + d_weight * g_loss``, and ``d_weight``.
+
+    ``nll`` (reconstruction + perceptual) and ``g_loss`` must reach the parameters only through
+    ``recon`` and share no graph above it; ``rest`` holds the terms that do not (codebook and
+    commitment, KL, auxiliary losses). Each loss's gradient at ``recon`` is taken once -- for
+    ``g_loss`` an input-gradient pass through the discriminator, without its weight gradients,
+    which the generator step never uses -- and the adaptive weight's last-layer gradients are
+    vector-Jacobian products of ``recon`` through the last layer alone. (Back-propagating both
+    losses to the last layer and then the total loss again, taming's way, runs the discriminator
+    and perceptual backward twice.) Returns ``(sum(recon * sg(g_nll + d_weight * g_gan)) + rest,
+    d_weight)`` with ``d_weight`` already times ``disc_weight``: the first has the total loss's
+    parameter gradients, not its value. ``last_layer=None``: a fixed ``d_weight = disc_weight``.
+    """
+    # No retain_graph: these free only the nodes above recon (loss, perceptual net, discriminator).
+    g_gan = torch.autograd.grad(g_loss, recon)[0]
+    if last_layer is None:
+        d_weight = torch.tensor(float(disc_weight), device=recon.device)
+        return nll + (recon * (d_weight * g_gan)).sum() + rest, d_weight
+    g_nll = torch.autograd.grad(nll, recon)[0]
+    nll_last = torch.autograd.grad(recon, last_layer, g_nll, retain_graph=True)[0]
+    gan_last = torch.autograd.grad(recon, last_layer, g_gan, retain_graph=True)[0]
+    d_weight = adaptive_weight_from_grads(nll_last, gan_last, max_weight) * disc_weight
+    return (recon * (g_nll + d_weight * g_gan)).sum() + rest, d_weight
