@@ -11,7 +11,8 @@ removed and its blocks' forward runs self-attention and feed-forward only; the t
 insists on is one all-zero token of width ``dim`` (its projection is then the identity, and nothing
 reads it). What stays its own: its attention (l2-normalised q/k with learned scales, a null key/value,
 ``Attend(flash=...)``: on CPU ``flash=True`` is the chunked ``FlashAttentionFunction`` of
-memory-efficient-attention-pytorch, ``flash=False`` an einsum softmax; ``--peer-flash`` picks),
+memory-efficient-attention-pytorch, ``flash=False`` an einsum softmax; ``--peer-flash`` picks, default 0,
+the faster of the two on CPU),
 its extra LayerNorm inside the feed-forward, its masking and its sampler.
 
 - ``ours``: ``stage2.maskgit.MaskGITPrior.loss`` (a class token as prefix: 257 positions) -> backward ->
@@ -115,7 +116,8 @@ def main() -> None:
     p.add_argument("--codebook", type=int, default=1024)
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--peer-flash", type=int, default=1, help="muse's Attend(flash=...): 1 chunked, 0 einsum")
+    p.add_argument("--peer-flash", type=int, default=0,
+                   help="muse's Attend(flash=...): 0 einsum softmax (its faster on CPU), 1 its chunked flash function")
     p.add_argument("--cases", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
