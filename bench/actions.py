@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data.actions import (  # noqa: E402
+    TemporalEnsemble,
     env_info,
     heldout_seeds,
     load_demonstrations,
@@ -50,19 +51,6 @@ from tokenforge.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 HISTORY, CHUNK = 2, 5  # the shipped configs' observation history and action chunk
-
-
-class SeededPolicy:
-    """A sampling policy (``model.policy(obs, generator=...)``) made reproducible per rollout."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.generator = model, torch.Generator()
-
-    def reset(self, seed: int) -> None:
-        self.generator.manual_seed(int(seed))
-
-    def __call__(self, obs_history: np.ndarray) -> np.ndarray:
-        return self.model.policy(obs_history, generator=self.generator)
 
 
 def data_overrides(env: str, episodes: int, val_fraction: float) -> list[str]:
@@ -109,7 +97,7 @@ def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tup
         log["training"][f"vqbet_{env}"] = f"failed: {type(err).__name__}: {err}"
         print(f"  VQ-BeT failed: {err!r}", flush=True)
         return out
-    out["vqbet"] = (SeededPolicy(model), int(model.history))
+    out["vqbet"] = (model.as_policy(), int(model.history))  # reproducible per rollout (reset(seed))
     log["training"][f"vqbet_{env}"] = {"tokenizer_steps": tok_steps, "steps": steps,
                                        "params": sum(p.numel() for p in model.parameters())}
     if args.skip_ar or not (ROOT / "configs/action_ar.yaml").is_file():
@@ -123,7 +111,7 @@ def policies_for(env: str, args: argparse.Namespace, log: dict) -> dict[str, tup
         log["training"][f"action_ar_{env}"] = f"failed: {type(err).__name__}: {err}"
         print(f"  AR policy failed: {err!r}", flush=True)
         return out
-    out["action_ar"] = (SeededPolicy(ar), int(ar.history))
+    out["action_ar"] = (ar.as_policy(), int(ar.history))
     log["training"][f"action_ar_{env}"] = {"steps": steps, "params": sum(p.numel() for p in ar.parameters())}
     return out
 
@@ -186,6 +174,48 @@ def first_push_mass(runs: Path, samples: int = 200) -> None:
         print(f"start position {obs[0]:.3f}: {'; '.join(shares)}; MLP first action {bc.policy(hist)[0, 0]:+.3f}")
 
 
+class HoldStill:
+    """PushT reference policy: the agent's target is where it stands, so it never touches the block and the
+    final coverage is the start state's."""
+
+    def __call__(self, obs_history: np.ndarray) -> np.ndarray:
+        return np.asarray(obs_history)[-1:, :2]
+
+
+def pusht_dev_check(runs: Path, out: Path, episodes: int = 10) -> None:
+    """PushT: how each trained policy under ``runs`` does when its chunks are executed three ways — the
+    bench's receding horizon (the whole chunk, then re-query), the first action of each chunk only, and
+    the official VQ-BeT temporal ensemble (:class:`data.actions.TemporalEnsemble`) — on DEV start states
+    ``heldout_seeds(episodes, offset=50_000)``, which are neither the held-out evaluation seeds nor the
+    one-start state, so nothing is chosen on the seeds the results table reports; with a hold-still reference."""
+    from stage2.bc_mlp import BCMLP
+    from stage2.prior import load_prior
+
+    seeds = heldout_seeds(episodes, offset=50_000)
+    policies: dict[str, tuple[Any, int]] = {"hold still": (HoldStill(), 1)}
+    for name in ("bc_mlp", "vqbet", "action_ar"):
+        ckpt = runs / f"{name}_pusht" / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            model = BCMLP.load(ckpt) if name == "bc_mlp" else load_prior(ckpt).eval()
+            policies[name] = (model.policy if name == "bc_mlp" else model.as_policy(), int(model.history))
+    report: dict[str, Any] = {"seeds": f"heldout_seeds({episodes}, offset=50_000)", "policies": {}}
+    for name, (policy, history) in policies.items():
+        ways = {"receding chunk": (policy, None)}
+        if name != "hold still":
+            ways |= {"first action": (policy, 1), "temporal ensemble": (TemporalEnsemble(policy, CHUNK), None)}
+        for way, (acting, execute) in ways.items():
+            t0 = time.process_time()
+            res = rollout(acting, "pusht", seeds, history=history, execute=execute,
+                          policy_seeds=[s + 1 for s in seeds])
+            row = summarize(res, env_info("pusht").mode_names)
+            row["final_coverages"] = [round(float(r.final_coverage), 3) for r in res]
+            row["cpu_s"] = round(time.process_time() - t0, 1)
+            report["policies"].setdefault(name, {})[way] = row
+            print(f"{name:10s} {way:17s} success {row['success_rate']:.2f}  mean final coverage "
+                  f"{row['mean_final_coverage']:.3f}  {row['final_coverages']}", flush=True)
+            atomic_write_text(out, json.dumps(report, indent=1))
+
+
 def save(log: dict, args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps(log, indent=1, default=float))
 
@@ -201,6 +231,9 @@ def main() -> None:
                    help="skip the plain AR-over-codes policy (configs/action_ar.yaml)")
     p.add_argument("--first-push-mass", action="store_true",
                    help="only: MountainCar first-action mode mass of the policies already trained under --runs")
+    p.add_argument("--pusht-dev-check", metavar="JSON",
+                   help="only: PushT execution check of the policies already trained under --runs on dev seeds "
+                        "(receding chunk / first action / temporal ensemble, hold-still reference), into JSON")
     p.add_argument("--pusht-episodes", type=int, default=100)
     p.add_argument("--pusht-eval", type=int, default=20)
     p.add_argument("--pusht-steps", type=int, default=1500)
@@ -218,6 +251,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.first_push_mass:
         return first_push_mass(Path(args.runs))
+    if args.pusht_dev_check:
+        return pusht_dev_check(Path(args.runs), Path(args.pusht_dev_check))
     log: dict[str, Any] = {"command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
                            "demos": {}, "training": {}, "policies": {}}
     for env in args.envs:

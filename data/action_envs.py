@@ -140,6 +140,33 @@ def rollout(policy: Policy, env_name: str, seeds: Sequence[int], max_steps: int 
     return results
 
 
+class TemporalEnsemble:
+    """Execution by temporal ensembling, as the official VQ-BeT evaluation runs PushT: the policy is asked
+    at EVERY step and the action taken is the mean of what the last ``k`` chunks predicted for this step
+    (uniform weights; ``k`` at most the chunk length). Wrap a policy and roll the wrapper out (it returns
+    one action per call); the default execution is the receding horizon of :func:`rollout` instead."""
+
+    def __init__(self, policy: Policy, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.policy, self.k = policy, k
+        self.chunks: list[np.ndarray] = []  # the last k chunks, oldest first
+
+    def reset(self, seed: int) -> None:
+        self.chunks = []
+        if hasattr(self.policy, "reset"):
+            self.policy.reset(seed)
+
+    def __call__(self, obs_history: np.ndarray) -> np.ndarray:
+        chunk = np.asarray(self.policy(obs_history), dtype=np.float32)
+        if len(chunk) < self.k:
+            raise ValueError(f"a temporal ensemble of {self.k} needs chunks of at least {self.k} actions, "
+                             f"got {len(chunk)}")
+        self.chunks = [*self.chunks, chunk][-self.k:]
+        last = len(self.chunks) - 1  # the chunk made i calls ago predicted this step at its index i
+        return np.mean([c[last - j] for j, c in enumerate(self.chunks)], axis=0, dtype=np.float32)[None]
+
+
 def write_rollout_gif(frames: Sequence[np.ndarray], path: str | Path, fps: int = 10, every: int = 1,
                       max_side: int = 192) -> Path:
     """Write RGB frames as a looping GIF, atomically; frames are subsampled in time (``every``)

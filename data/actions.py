@@ -28,6 +28,7 @@ from data.action_envs import (  # noqa: F401  (re-exported: the one import polic
     ENV_NAMES,
     EnvInfo,
     RolloutResult,
+    TemporalEnsemble,
     env_info,
     env_module,
     heldout_seeds,

@@ -33,6 +33,27 @@ def test_chunks_round_trip_and_pad_with_the_last_action():
         unchunk(c, stride=6)
 
 
+def test_temporal_ensemble_averages_what_the_last_chunks_predicted_for_this_step():
+    """Official VQ-BeT execution: query every step; act with the mean of the k predictions for now."""
+    calls = []
+
+    def policy(obs_history):  # call t predicts 100 * t + (t + j) for step t + j
+        t = len(calls)
+        calls.append(obs_history)
+        return np.array([[100.0 * t + t + j] for j in range(4)])
+
+    ens = A.TemporalEnsemble(policy, k=3)
+    acted = [float(ens(np.zeros((1, 1)))[0, 0]) for _ in range(5)]
+    # step 0: 0; step 1: mean(1, 101); step 2: mean(2, 102, 202); then the oldest chunk drops out
+    assert acted == pytest.approx([0, 51, 102, 203, 304])
+    ens.reset(0)
+    assert float(ens(np.zeros((1, 1)))[0, 0]) == pytest.approx(505)  # no chunk from before the reset
+    with pytest.raises(ValueError, match="at least 5"):
+        A.TemporalEnsemble(policy, k=5)(np.zeros((1, 1)))
+    [result] = rollout(A.TemporalEnsemble(lambda h: np.zeros((5, 1)), k=5), "mountain_car", [0], max_steps=7)
+    assert result.steps == 7  # one action per query: the wrapped policy is asked at every step
+
+
 def test_history_windows_end_at_each_step_and_repeat_the_first_observation():
     obs = np.arange(10, dtype=np.float32).reshape(5, 2)
     w = history_windows(obs, 3)
