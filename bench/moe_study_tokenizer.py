@@ -49,6 +49,7 @@ from data.fashion_mnist import CLASSES, FashionMNIST
 from data.image_array import to_unit_range
 from layers.moe import ConvMoE, RoutingRecorder, mutual_information_bits
 from stage1.autoencoder import warmup_cosine
+from stage1.conv_encoder_decoder import TokenwiseSlot
 from stage1.vqvae import VQVAE
 from tokenforge.config import load_config, to_plain
 
@@ -102,7 +103,7 @@ def build(slot: dict[str, Any] | None, params: dict[str, Any]) -> VQVAE:
 def copy_shared_init(model: VQVAE, reference: VQVAE) -> int:
     """Copy the slot-less ``reference``'s tensors into ``model`` (its second mid ResBlock moves from
     ``mid.1`` to ``mid.2``), so every variant of a seed starts from the same shared weights."""
-    ref, has_slot = reference.state_dict(), model.decoder.mid[1].__class__.__name__ == "TokenwiseSlot"
+    ref, has_slot = reference.state_dict(), isinstance(model.decoder.mid[1], TokenwiseSlot)
     state, copied = model.state_dict(), 0
     for key, value in state.items():
         if has_slot and key.startswith(SLOT_KEY):
@@ -239,7 +240,8 @@ def run(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace)
           f"({train_s:.0f} s, {cpu_s:.0f} CPU-s)", flush=True)
     return {"variant": variant, "seed": seed, "curve": curve, "final": curve[-1][1], "final_psnr": curve[-1][2],
             "train_s": train_s, "train_cpu_s": cpu_s, "parameters": count_parameters(model),
-            "slot_parameters": sum(p.numel() for n, p in model.named_parameters() if n.startswith(SLOT_KEY)),
+            "slot_parameters": 0 if slot is None else sum(p.numel() for n, p in model.named_parameters()
+                                                          if n.startswith(SLOT_KEY)),
             "ffn_macs_per_position": ffn_macs_per_position(slot, args.mid_channels, args.positions),
             "usage": usage}
 
