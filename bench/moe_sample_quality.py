@@ -44,6 +44,7 @@ from bench.vq_diffusion_quality import domain_classifier, real_test_images, scor
 from data.codes import code_folder_info  # noqa: E402
 
 METRICS = ("val_nll", "fid", "classifier_accuracy")
+OBJECTIVE = "nll + router aux loss"  # what moe_study.train_variant optimises (token choice: balance + z-loss)
 
 
 class ReplayPrior:
@@ -151,14 +152,19 @@ def main() -> None:
     print(f"{args.prior}: train {len(data['train'][0])} / val {len(data['val'][0])} items, {args.steps} steps x "
           f"batch {args.batch_size}, {args.num_samples} samples vs {args.real} test images", flush=True)
 
+    settings = {k: getattr(args, k) for k in ("steps", "batch_size", "dim", "depth", "limit_val", "num_samples",
+                                               "sample_batch", "real", "cfg")}
     everything = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    redo = {(v, s) for v in args.variants for s in args.seeds}  # earlier runs of other variants/seeds are kept
+    kept = [r for r in everything.get(args.prior, {}).get("runs", [])
+            if r.get("settings") == settings and (r["variant"], r["seed"]) not in redo]
     replay = ReplayPrior(*data["train"], data["num_classes"])
     reference = {k: v for k, v in score_variant(replay, tokenizer, {}, real, classifier, score_args).items()
                  if k != "ms_per_image"}
     print(f"  tokenizer reconstructions of train codes: FID {reference['fid']:.2f} "
           f"acc {reference['classifier_accuracy']:.3f}", flush=True)
     record: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sampler": kwargs,
-                              "reference_reconstructions": reference, "runs": []}
+                              "reference_reconstructions": reference, "runs": kept}
     for seed in args.seeds:  # seeds outermost: a cut-short run has every variant of the first seeds
         for variant in args.variants:
             try:
@@ -173,7 +179,7 @@ def main() -> None:
                 run.update(score_variant(prior, tokenizer, kwargs, real, classifier, score_args))
                 print(f"  {variant:14s} seed {seed}: FID {run['fid']:.2f} acc {run['classifier_accuracy']:.3f} "
                       f"({run['ms_per_image']:.1f} ms/image)", flush=True)
-            record["runs"].append(run)
+            record["runs"].append(run | {"settings": settings, "objective": OBJECTIVE})
             record["summary"] = summarise(record["runs"])
             everything[args.prior] = record
             args.out.parent.mkdir(parents=True, exist_ok=True)

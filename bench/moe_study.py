@@ -128,7 +128,9 @@ def train_variant(variant: str, seed: int, data: dict[str, Any], args: argparse.
         t0 = time.perf_counter()
         out = model.loss(xt[idx], model.drop_labels(yt[idx]))
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        # the objective Prior.training_step optimises: the routers' aux losses (token choice's balance and
+        # z-loss) are in out.aux, not in out.loss; without them token choice trains with no balance loss
+        (out.loss + out.aux["aux_loss"] if "aux_loss" in out.aux else out.loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
