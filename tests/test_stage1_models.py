@@ -99,3 +99,47 @@ def test_vqvae_code_spec_and_resolution_check():
         "decoder_output": {"channels": 3, "shape": [16, 16], "range": [-1.0, 1.0]}}
     with pytest.raises(ValueError, match="divisible"):
         VQVAE(encoder=ENC, quantizer=VQ, resolution=15, embed_dim=4)
+
+
+def _norm_input_layouts(net: torch.nn.Module) -> list[bool]:
+    """Run-time record: is each GroupNorm's input channels-last (and not also channels-first)?"""
+    seen: list[bool] = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(
+                inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()))
+    return seen
+
+
+def test_decoder_runs_channels_first_on_a_channels_last_latent_with_the_same_result():
+    # Quantizers return z_q as a channels-last view; the decoder (whose weights are channels-first) used
+    # to run channels-last all the way, where CPU GroupNorm's backward is ~10x slower (issue 22).
+    torch.manual_seed(0)
+    kw = {k: v for k, v in ENC.items() if k != "in_channels"}
+    dec = Decoder(out_channels=3, **kw)
+    z = torch.randn(2, 8, 8, 8)
+    outs, grads = [], []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        seen = _norm_input_layouts(dec)
+        leaf = z.clone().contiguous(memory_format=layout).requires_grad_(True)
+        out = dec(leaf)
+        assert seen and not any(seen), "a GroupNorm ran on a channels-last input"
+        assert out.is_contiguous()
+        dec.zero_grad(set_to_none=True)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([leaf.grad] + [p.grad.clone() for p in dec.parameters()])
+        for m in dec.modules():
+            m._forward_hooks.clear()
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_weights_keep_the_network_channels_last():
+    # model.params.channels_last converts the weights; the layout then follows them, as asked.
+    kw = {k: v for k, v in ENC.items() if k != "in_channels"}
+    dec = Decoder(out_channels=3, **kw).to(memory_format=torch.channels_last)
+    seen = _norm_input_layouts(dec)
+    dec(torch.randn(2, 8, 8, 8))
+    assert seen and all(seen)
