@@ -125,8 +125,15 @@ def limit_worker(rank: int, world: int, ckpt: str, batch_size: int, shard_size: 
 def tokenize_child(timings: str, argv: list[str]) -> None:
     """``ours_2``'s process (each rank runs this, as Lightning relaunches this script for rank 1): the
     tokenize command with its prediction loop's start and end written to ``timings/rank{r}.json``."""
-    span: dict[str, float] = {}
+    span: dict = {"batches": []}
     writer = tokenize_cmd.ShardWriter
+    write_batch = writer.write_on_batch_end
+
+    def timed_write(self, *a, **k):
+        write_batch(self, *a, **k)
+        span["batches"].append(time.time())  # each batch's end (encoded, and its shard written when complete)
+
+    writer.write_on_batch_end = timed_write
     writer.on_predict_start = lambda self, trainer, module: span.__setitem__("start", time.time())
     writer.on_predict_end = lambda self, trainer, module: span.__setitem__("end", time.time())
     tokenize_cmd.main(argv)
@@ -148,7 +155,12 @@ def run_ours_two_ranks(ckpt: Path, out: Path, args: argparse.Namespace) -> tuple
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     spans = [json.loads((timings / f"rank{r}.json").read_text()) for r in range(2)]
-    return total, max(s["end"] for s in spans) - min(s["start"] for s in spans)
+    first = min(s["start"] for s in spans)
+    print("  ours_2 ranks (s from the first rank's predict start): " + "; ".join(
+        f"rank {r} start {s['start'] - first:.2f} batches end "
+        + " ".join(f"{t - first:.2f}" for t in s["batches"]) + f" end {s['end'] - first:.2f}"
+        for r, s in enumerate(spans)) + f"; whole command {total:.1f}", flush=True)
+    return total, max(s["end"] for s in spans) - first
 
 
 def two_ranks(ckpt: Path, tmp: Path, reference: torch.Tensor, args: argparse.Namespace) -> None:
@@ -165,7 +177,10 @@ def two_ranks(ckpt: Path, tmp: Path, reference: torch.Tensor, args: argparse.Nam
             parent.send(True)
         barrier.wait()
         results = [parent.recv() for parent, _ in pipes]
-        return max(r[1] for r in results) - min(r[0] for r in results), [r[2] for r in results]
+        first = min(r[0] for r in results)
+        print("  limit_2 ranks: " + "; ".join(f"rank {i} start {r[0] - first:.2f} end {r[1] - first:.2f}"
+                                              for i, r in enumerate(results)), flush=True)
+        return max(r[1] for r in results) - first, [r[2] for r in results]
 
     run_limit_two()  # warm-up (the workers' model load is done by then); every ours_2 run starts cold anyway
     rows = {"ours_2": [], "ours_2_predict": [], "limit_2": []}

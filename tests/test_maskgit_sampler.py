@@ -68,3 +68,15 @@ def test_decode_with_nothing_masked_returns_the_start_unchanged():
 
     out = maskgit_decode(logits_fn, 3, 10, 7, steps=3, top_k=2, init=init, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, init) and calls == [0, 1, 2]
+
+
+def test_decode_from_a_partial_start_keeps_its_tokens_and_fills_every_mask():
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(12, 9, generator=g)
+    init = torch.randint(0, 9, (5, 12), generator=g)
+    init[:, 3:9] = 9  # the mask id: the middle is to be filled
+    out = maskgit_decode(lambda tokens, step: table.expand(tokens.shape[0], -1, -1).clone(), 5, 12, 9, steps=4,
+                         top_k=3, init=init, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :3], init[:, :3]) and torch.equal(out[:, 9:], init[:, 9:])
+    filled = out[:, 3:9]
+    assert (filled < 9).all() and (filled.unsqueeze(-1) == table[3:9].topk(3, -1).indices).any(-1).all()
