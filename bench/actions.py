@@ -236,7 +236,7 @@ def main() -> None:
                         "(receding chunk / first action / temporal ensemble, hold-still reference), into JSON")
     p.add_argument("--pusht-episodes", type=int, default=100)
     p.add_argument("--pusht-eval", type=int, default=20)
-    p.add_argument("--pusht-steps", type=int, default=1500)
+    p.add_argument("--pusht-steps", type=int, default=2500)
     p.add_argument("--pusht-val-fraction", type=float, default=0.0,
                    help="PushT demonstrations held out of training (default 0: policies learn from every "
                         "demonstration and are judged by rollouts; MountainCar keeps the configs' 0.1)")
