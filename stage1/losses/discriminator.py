@@ -84,7 +84,7 @@ def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: 
     # No retain_graph: these free only the nodes above recon (loss, perceptual net, discriminator).
     g_gan = torch.autograd.grad(g_loss, recon)[0]
     if last_layer is None:
-        d_weight = torch.tensor(float(disc_weight), device=recon.device)
+        d_weight = torch.full((), float(disc_weight), device=recon.device)  # a fill, no host-to-device copy
         return nll + (recon * (d_weight * g_gan)).sum() + rest, d_weight
     g_nll = torch.autograd.grad(nll, recon)[0]
     nll_last = torch.autograd.grad(recon, last_layer, g_nll, retain_graph=True)[0]
