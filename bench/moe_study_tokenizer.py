@@ -1,6 +1,6 @@
 """The router study of "Routers in Vision Mixture of Experts" (Liu et al. 2024) on a tokenizer's decoder.
 
-    OMP_NUM_THREADS=1 nice -n 10 python bench/moe_study_tokenizer.py --steps 400 --seeds 0 1 2 \
+    OMP_NUM_THREADS=1 nice -n 10 python bench/moe_study_tokenizer.py --steps 500 --seeds 0 1 2 \
         --out bench/results/moe_study_tokenizer.json [--plot bench/results/moe_study_tokenizer.png]
 
 The third workload of issue 21 ("the VQGAN decoder with MoE in its mid blocks: patch-level routing in
