@@ -20,9 +20,7 @@ Rounds alternate the order; the ratio per round is x-transformers time / our tim
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.interleaved import interleaved_ratio  # noqa: E402
 from stage2.ar import ARPrior  # noqa: E402
 from tokenforge.acceleration import fuse_adam  # noqa: E402
 
@@ -105,27 +103,13 @@ def main() -> None:
                                filter_kwargs={"k": args.top_k})
         assert out.shape == (args.sample_batch, 256)
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, mine, peer, mode in (("training step", step_ours, step_theirs, "train"),
                                        ("sampling 256 tokens", sample_ours, sample_theirs, "eval")):
             ours.train(mode == "train")
             theirs.train(mode == "train")
-            mine(), peer()  # warm-up
-            t_ours, t_peer = [], []
-            for r in range(args.rounds):
-                pair = (("o", mine), ("p", peer)) if r % 2 == 0 else (("p", peer), ("o", mine))
-                for who, fn in pair:
-                    (t_ours if who == "o" else t_peer).append(timed(fn))
-            ratios = [b / a for a, b in zip(t_ours, t_peer)]
-            print(f"threads {threads}: {name}: ms median ours {1e3 * statistics.median(t_ours):.0f}  "
-                  f"x-transformers {1e3 * statistics.median(t_peer):.0f}  peer/ours "
-                  f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})", flush=True)
+            interleaved_ratio(mine, peer, args.rounds, f"threads {threads}: {name}", "x-transformers")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.interleaved import interleaved_ratio, timed  # noqa: E402
 from stage2.maskgit import MaskGITPrior  # noqa: E402
 from tokenforge.acceleration import fuse_adam  # noqa: E402
 
@@ -153,11 +151,6 @@ def main() -> None:
                               topk_filter_thres=0.9)
         assert out.shape == (args.sample_batch, 16, 16) and int(out.max()) < args.codebook
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     cases = {"train": ("training step", step_ours, step_theirs, True),
              "sample": (f"sampling {args.steps} steps", sample_ours, sample_theirs, False)}
     for threads in args.threads:
@@ -166,16 +159,7 @@ def main() -> None:
             name, mine, peer, mode = cases[case]
             ours.train(mode)
             theirs.train(mode)
-            mine(), peer()  # warm-up
-            t_ours, t_peer = [], []
-            for r in range(args.rounds):
-                pair = (("o", mine), ("p", peer)) if r % 2 == 0 else (("p", peer), ("o", mine))
-                for who, fn in pair:
-                    (t_ours if who == "o" else t_peer).append(timed(fn))
-            ratios = [b / a for a, b in zip(t_ours, t_peer)]
-            print(f"threads {threads}: {name}: ms median ours {1e3 * statistics.median(t_ours):.0f}  "
-                  f"muse {1e3 * statistics.median(t_peer):.0f}  peer/ours {statistics.median(ratios):.2f} "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f})", flush=True)
+            interleaved_ratio(mine, peer, args.rounds, f"threads {threads}: {name}", "muse")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
