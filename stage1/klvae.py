@@ -186,20 +186,17 @@ class KLVAE(Tokenizer):
         x = batch["x"]
         disc_on = self.discriminator is not None and self.global_step >= self.hparams.disc_start
 
-        if opt_d is not None:
-            self.toggle_optimizer(opt_ae)
+        # No optimizer toggle for the generator: see VQGAN.training_step.
         opt_ae.zero_grad(set_to_none=True)
         xrec, q, terms = self.generator_backward(x, disc_on)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
         sched_ae.step()
-        if opt_d is not None:
-            self.untoggle_optimizer(opt_ae)
 
         if disc_on:
             self.toggle_optimizer(opt_d)
-            logits_real, logits_fake = self.discriminator(x.detach()), self.discriminator(xrec.detach())
+            logits_real, logits_fake = self.discriminator(x.detach()), terms["logits_fake"]  # the generator step's
             d_loss = D_LOSSES[self.hparams.disc_loss](logits_real, logits_fake)
             self._check_finite(d_loss, "the discriminator loss")
             opt_d.zero_grad(set_to_none=True)
@@ -222,22 +219,31 @@ class KLVAE(Tokenizer):
 
     def generator_backward(self, x: Tensor, disc_on: bool) -> tuple[Tensor, DiagonalGaussian, dict[str, Tensor]]:
         """Forward the VAE and back-propagate its whole loss once (``manual_backward``), as
-        :meth:`stage1.vqgan.VQGAN.generator_backward`. Returns ``(xrec, posterior, detached loss terms)``."""
+        :meth:`stage1.vqgan.VQGAN.generator_backward`. Returns ``(xrec, posterior, loss terms)``, detached
+        but for ``logits_fake`` (once the discriminator is on), kept for the discriminator step."""
         xrec, q, aux = self(x)
         nll = self.reconstruction_nll(x, xrec)
         kl = q.kl().mean()
         rest = self.hparams.kl_weight * kl + aux.get("aux_loss", 0.0)
         g_loss = d_weight = torch.zeros((), device=x.device)
         objective = nll + rest
+        logits_fake = None
         if disc_on:
-            g_loss = -self.discriminator(xrec).mean()
+            # On a detached leaf copy: the discriminator's step reuses these logits (its weights have
+            # not changed yet), and the generator's gradient is taken at the copy.
+            fake = xrec.detach().requires_grad_(True)
+            logits_fake = self.discriminator(fake)
+            g_loss = -logits_fake.mean()
             last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
-            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest)
+            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest,
+                                                      gan_input=fake)
         loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
         self._check_finite(loss, "the KL-VAE loss")
         self.manual_backward(objective)
-        return xrec, q, {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "g_loss": g_loss.detach(),
-                         "d_weight": d_weight}
+        terms = {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight}
+        if logits_fake is not None:
+            terms["logits_fake"] = logits_fake  # with its graph, for the discriminator step
+        return xrec, q, terms
 
     def _mean_rec(self, x: Tensor, xrec: Tensor) -> Tensor:
         """Mean per-pixel reconstruction error (comparable with the quantized tokenizers' rec_loss)."""

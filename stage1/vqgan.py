@@ -65,22 +65,23 @@ class VQGAN(QuantizedAutoencoder):
         x = batch["x"]
         disc_on = self.global_step >= self.hparams.disc_start
 
-        # Autoencoder (generator) update.
-        self.toggle_optimizer(opt_ae)
+        # Autoencoder (generator) update. No optimizer toggle: its one backward never reaches the
+        # discriminator (see generator_objective), whose parameters must keep requires_grad for the
+        # logits the discriminator step reuses.
         opt_ae.zero_grad(set_to_none=True)
         xrec, q, aux, terms = self.generator_backward(x, disc_on)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
         sched_ae.step()
-        self.untoggle_optimizer(opt_ae)
 
-        # Discriminator update (hinge on real vs. detached reconstructions).
+        # Discriminator update (hinge on real vs. detached reconstructions; the fake logits are the
+        # generator step's, computed with the same discriminator weights).
         d_loss = torch.zeros((), device=x.device)
         if disc_on:
             self.toggle_optimizer(opt_d)
             logits_real = self.discriminator(x.detach())
-            logits_fake = self.discriminator(xrec.detach())
+            logits_fake = terms["logits_fake"]
             d_loss = D_LOSSES[self.hparams.disc_loss](logits_real, logits_fake)
             self.check_finite(d_loss, "the discriminator loss")
             opt_d.zero_grad(set_to_none=True)
@@ -109,22 +110,32 @@ class VQGAN(QuantizedAutoencoder):
 
         ``nll + quantizer loss + aux + d_weight * g_loss``; with the adaptive weight, through
         :func:`generator_objective`, which passes through the discriminator (input gradients only)
-        and the perceptual net once. Returns ``(xrec, quantizer output, aux, detached loss terms)``.
+        and the perceptual net once. Returns ``(xrec, quantizer output, aux, loss terms)``: the terms
+        are detached except ``logits_fake`` (present once the discriminator is on), the discriminator's
+        logits on the detached reconstruction with their graph.
         """
         xrec, q, aux = self(x)
         rec, p_loss, nll = self.nll(x, xrec)
         rest = q.loss + aux.get("aux_loss", 0.0)
         g_loss = d_weight = torch.zeros((), device=x.device)
         objective = nll + rest
+        logits_fake = None
         if disc_on:
-            g_loss = -self.discriminator(xrec).mean()
+            # On a detached leaf copy: the discriminator's step reuses these logits (its weights have
+            # not changed yet), and the generator's gradient is taken at the copy.
+            fake = xrec.detach().requires_grad_(True)
+            logits_fake = self.discriminator(fake)
+            g_loss = -logits_fake.mean()
             last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
-            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest)
+            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest,
+                                                      gan_input=fake)
         loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
         self.check_finite(loss, "the VQGAN autoencoder loss")
         self.manual_backward(objective)
         terms = {"rec": rec.detach(), "p_loss": p_loss.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight,
                  "loss": loss}
+        if logits_fake is not None:
+            terms["logits_fake"] = logits_fake  # with its graph, for the discriminator step
         return xrec, q, aux, terms
 
     def configure_optimizers(self) -> Any:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stage1.klvae import KLVAE
-from stage1.losses.discriminator import adaptive_weight
+from stage1.losses.discriminator import adaptive_weight, hinge_d_loss
 from stage1.vqgan import VQGAN
 
 ENC = {"in_channels": 3, "z_channels": 8, "channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "groups": 4}
@@ -34,9 +34,9 @@ def _plain_backward(model) -> None:
     model.manual_backward = lambda loss, *args, **kwargs: loss.backward()
 
 
-def _taming_two_pass(model, x: torch.Tensor, disc_on: bool) -> torch.Tensor:
+def _taming_two_pass(model, x: torch.Tensor, disc_on: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The old step: adaptive weight by back-propagating nll and g_loss to the last layer, then the
-    whole loss again. Returns d_weight (times disc_weight)."""
+    whole loss again. Returns (d_weight times disc_weight, the reconstruction)."""
     if isinstance(model, VQGAN):
         xrec, q, aux = model(x)
         nll = model.nll(x, xrec)[2]
@@ -58,7 +58,7 @@ def _taming_two_pass(model, x: torch.Tensor, disc_on: bool) -> torch.Tensor:
             d_weight = torch.tensor(model.hparams.disc_weight)
         loss = loss + d_weight * g_loss
     loss.backward()
-    return d_weight
+    return d_weight, xrec.detach()
 
 
 def _ae_grads(model) -> dict[str, torch.Tensor]:
@@ -84,7 +84,7 @@ def test_one_pass_generator_step_has_the_two_pass_gradients(name, build, disc_on
     _, _, *rest = model.generator_backward(x, disc_on)
     terms = rest[-1]
     torch.manual_seed(1)
-    expected_weight = _taming_two_pass(reference, x, disc_on)
+    expected_weight, xrec = _taming_two_pass(reference, x, disc_on)
 
     got, want = _ae_grads(model), _ae_grads(reference)
     assert got.keys() == want.keys() and len(got) == sum(1 for n, _ in model.named_parameters()
@@ -98,6 +98,20 @@ def test_one_pass_generator_step_has_the_two_pass_gradients(name, build, disc_on
         assert 0 < terms["d_weight"].item() < 1e4 * model.hparams.disc_weight
     # The generator step leaves the discriminator's gradients unset (its optimiser zeroes them anyway).
     assert all(p.grad is None for p in model.discriminator.parameters())
+    if disc_on:
+        # The discriminator step reuses the generator step's logits on the reconstruction: the same
+        # loss and gradients as running the discriminator on it again (its weights have not changed).
+        assert "logits_fake" in terms and terms["logits_fake"].requires_grad
+        d_loss = hinge_d_loss(model.discriminator(x), terms["logits_fake"])
+        d_loss.backward()
+        reference.discriminator.zero_grad(set_to_none=True)
+        d_ref = hinge_d_loss(reference.discriminator(x), reference.discriminator(xrec))
+        d_ref.backward()
+        torch.testing.assert_close(d_loss, d_ref)
+        for (n, p), q in zip(model.discriminator.named_parameters(), reference.discriminator.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=n)
+    else:
+        assert "logits_fake" not in terms
 
 
 def test_generator_step_back_propagates_through_the_discriminator_once():

@@ -67,7 +67,8 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_we
 
 
 def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: Tensor | None, disc_weight: float,
-                        rest: Tensor | float, max_weight: float = 1e4) -> tuple[Tensor, Tensor]:
+                        rest: Tensor | float, max_weight: float = 1e4,
+                        gan_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A scalar to back-propagate once for ``nll + rest + d_weight * g_loss``, and ``d_weight``.
 
     ``nll`` (reconstruction + perceptual) and ``g_loss`` must reach the parameters only through
@@ -80,9 +81,16 @@ def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: 
     and perceptual backward twice.) Returns ``(sum(recon * sg(g_nll + d_weight * g_gan)) + rest,
     d_weight)`` with ``d_weight`` already times ``disc_weight``: the first has the total loss's
     parameter gradients, not its value. ``last_layer=None``: a fixed ``d_weight = disc_weight``.
+
+    ``gan_input``: the detached leaf copy of ``recon`` the discriminator was run on, when its graph
+    is kept for the discriminator's own step (the same logits, so one forward less); the gradient
+    of ``g_loss`` is taken there, with the graph retained.
     """
-    # No retain_graph: these free only the nodes above recon (loss, perceptual net, discriminator).
-    g_gan = torch.autograd.grad(g_loss, recon)[0]
+    # No retain_graph on recon: these free only the nodes above it (loss, perceptual net, discriminator).
+    if gan_input is None:
+        g_gan = torch.autograd.grad(g_loss, recon)[0]
+    else:
+        g_gan = torch.autograd.grad(g_loss, gan_input, retain_graph=True)[0]
     if last_layer is None:
         d_weight = torch.full((), float(disc_weight), device=recon.device)  # a fill, no host-to-device copy
         return nll + (recon * (d_weight * g_gan)).sum() + rest, d_weight
