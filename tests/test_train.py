@@ -213,3 +213,40 @@ def test_starting_a_finished_run_again_leaves_its_checkpoint_bytes_alone(run_roo
     train(CONFIGS / "smoke" / "vqvae.yaml", run_root, ["trainer.max_steps=3", "trainer.limit_val_batches=1"],
           name="done")
     assert sha256_file(last) != before  # a longer budget trains on and saves
+
+
+def test_ddp_searches_unused_parameters_only_where_a_backward_leaves_some_out(tmp_path):
+    from omegaconf import OmegaConf
+
+    from helpers import write_synthetic_code_folder
+    from layers.instantiate import instantiate
+
+    def model(name: str, *overrides: str) -> pl.LightningModule:
+        cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "smoke" / name), OmegaConf.from_dotlist(list(overrides)))
+        spec = OmegaConf.to_container(cfg, resolve=True)["model"]
+        return instantiate(spec, where="model")
+
+    gan = model("vqgan.yaml")  # manual optimization: generator and discriminator backward apart
+    assert train_mod.ddp_strategy_for("ddp", gan) == "ddp_find_unused_parameters_true"
+    assert train_mod.ddp_strategy_for("ddp_spawn", gan) == "ddp_spawn"  # an explicit choice is kept
+    assert train_mod.ddp_strategy_for("auto", gan) == "auto"
+    plain = model("vqvae.yaml")
+    assert plain.automatic_optimization and train_mod.ddp_strategy_for("ddp", plain) == "ddp"
+    write_synthetic_code_folder(tmp_path / "codes")
+    moe = model("ar_moe.yaml", f"data.params.codes={tmp_path / 'codes'}")  # an expert may receive no token in a step
+    assert train_mod.ddp_strategy_for("ddp", moe) == "ddp_find_unused_parameters_true"
+
+
+def test_vqgan_with_its_discriminator_on_trains_on_two_ddp_ranks(tmp_path):
+    # Plain DDP refuses the discriminator step ("parameters that were not used in producing the loss").
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "train.py"), str(CONFIGS / "smoke" / "vqgan.yaml"),
+                           "--runs", str(tmp_path), "--name", "gan", "model.params.disc_start=0",
+                           "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
+                           "data.params.limit_val=4"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "gan" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert saved["global_step"] == 2
+    _, d_losses = logged_series(tmp_path / "gan", ["train/d_loss"])  # the discriminator trained on both steps
+    assert len(d_losses) == 2 and all(0.0 < v < 10.0 for v in d_losses)

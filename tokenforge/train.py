@@ -59,7 +59,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+def ddp_strategy_for(strategy: Any, model: pl.LightningModule | None) -> Any:
+    """``trainer.strategy=ddp`` made to search for unused parameters where a backward leaves some out.
+
+    A GAN tokenizer (manual optimization: the generator's backward never reaches the discriminator,
+    the discriminator's never the autoencoder) and an MoE layer (an expert can receive no token in a
+    step) both leave parameters without a gradient, which plain DDP refuses at the next backward
+    ("parameters that were not used in producing the loss"). Every other strategy is left as given.
+    """
+    if strategy != "ddp" or model is None:
+        return strategy
+    routed = any(type(m).__module__.startswith("layers.moe.") for m in model.modules())  # any expert layer
+    if not model.automatic_optimization or routed:
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
+def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[pl.Callback] = (),
+                  model: pl.LightningModule | None = None) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     every = int(cfg.get("checkpoint_every_n_steps") or 200)
     callbacks: list[pl.Callback] = [
@@ -85,6 +102,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, extra_callbacks: Sequence[
                TensorBoardLogger(run_dir, name="logs", version="tb")]
     kwargs = dict(cfg.get("trainer") or {})
     kwargs.setdefault("log_every_n_steps", 10)
+    if "strategy" in kwargs:
+        kwargs["strategy"] = ddp_strategy_for(kwargs["strategy"], model)
     plugins = kwargs.pop("plugins", None)
     plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, list) else [plugins])
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
@@ -220,7 +239,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, rank_zero: bool) -> pl.Trainer:
     set_tf32(cfg.get("allow_tf32", True))
     if cfg.get("fused_optimizer", True):
         model.configure_optimizers = fused_configure_optimizers(model)  # an instance attribute shadows the method
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, model=model)
     if rank_zero:  # only after the resume check: a refused resume leaves the run's config untouched
         atomic_write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(cfg)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(found[0]) if found else None, weights_only=True)
