@@ -34,7 +34,7 @@ from stage1.autoencoder import (
 )
 from stage1.conv_encoder_decoder import collect_aux
 from stage1.gaussian import DiagonalGaussian
-from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, generator_objective
+from stage1.losses.discriminator import D_LOSSES, PatchDiscriminator, adversarial_objective
 from stage1.modalities import get_modality
 from stage1.tokenizer import Tokenizer
 
@@ -229,14 +229,9 @@ class KLVAE(Tokenizer):
         objective = nll + rest
         logits_fake = None
         if disc_on:
-            # On a detached leaf copy: the discriminator's step reuses these logits (its weights have
-            # not changed yet), and the generator's gradient is taken at the copy.
-            fake = xrec.detach().requires_grad_(True)
-            logits_fake = self.discriminator(fake)
-            g_loss = -logits_fake.mean()
             last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
-            objective, d_weight = generator_objective(xrec, nll, g_loss, last_layer, self.hparams.disc_weight, rest,
-                                                      gan_input=fake)
+            objective, g_loss, d_weight, logits_fake = adversarial_objective(
+                self.discriminator, xrec, nll, rest, last_layer, self.hparams.disc_weight)
         loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
         self._check_finite(loss, "the KL-VAE loss")
         self.manual_backward(objective)

@@ -99,3 +99,18 @@ def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: 
     gan_last = torch.autograd.grad(recon, last_layer, g_gan, retain_graph=True)[0]
     d_weight = adaptive_weight_from_grads(nll_last, gan_last, max_weight) * disc_weight
     return (recon * (g_nll + d_weight * g_gan)).sum() + rest, d_weight
+
+
+def adversarial_objective(discriminator: nn.Module, recon: Tensor, nll: Tensor, rest: Tensor | float,
+                          last_layer: Tensor | None, disc_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The generator step's objective with the discriminator on: ``(objective, g_loss, d_weight, logits_fake)``.
+
+    The discriminator runs on a detached leaf copy of ``recon``: the generator's gradient is taken
+    at the copy (:func:`generator_objective`), and ``logits_fake`` keeps its graph so that the
+    discriminator's own step reuses it (its weights have not changed in between: one forward less).
+    """
+    fake = recon.detach().requires_grad_(True)
+    logits_fake = discriminator(fake)
+    g_loss = -logits_fake.mean()
+    objective, d_weight = generator_objective(recon, nll, g_loss, last_layer, disc_weight, rest, gan_input=fake)
+    return objective, g_loss, d_weight, logits_fake
