@@ -37,7 +37,7 @@ class _RecordStart(pl.Callback):
 def test_interrupted_run_resumes_at_same_step_with_same_optimizer_state(run_root, monkeypatch):
     cfg = CONFIGS / "smoke" / "vqvae.yaml"
     original = train_mod.build_trainer
-    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [_InterruptAt(7)]))
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d, model=None: original(c, d, [_InterruptAt(7)], model))
     trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
     stopped_at = trainer.global_step
     assert 7 <= stopped_at < 20, "the run should stop right after the signal, well before max_steps"
@@ -46,7 +46,7 @@ def test_interrupted_run_resumes_at_same_step_with_same_optimizer_state(run_root
     assert saved["global_step"] == stopped_at
 
     recorder = _RecordStart()
-    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [recorder]))
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d, model=None: original(c, d, [recorder], model))
     trainer = train(cfg, run_root, ["checkpoint_every_n_steps=1000"])
     assert recorder.step == stopped_at
     restored = recorder.opt_state["state"]
@@ -116,7 +116,7 @@ SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint_ever
 
 def test_interrupt_leaves_a_single_last_checkpoint(run_root, monkeypatch):
     original = train_mod.build_trainer
-    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d: original(c, d, [_InterruptAt(3)]))
+    monkeypatch.setattr(train_mod, "build_trainer", lambda c, d, model=None: original(c, d, [_InterruptAt(3)], model))
     train(CONFIGS / "smoke" / "vqvae.yaml", run_root, ["checkpoint_every_n_steps=1000"])
     names = sorted(p.name for p in (run_root / "vqvae" / "checkpoints").iterdir())
     assert names == ["last.ckpt"], f"two saves of 'last' at interrupt: {names}"
