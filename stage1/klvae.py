@@ -225,17 +225,12 @@ class KLVAE(Tokenizer):
         nll = self.reconstruction_nll(x, xrec)
         kl = q.kl().mean()
         rest = self.hparams.kl_weight * kl + aux.get("aux_loss", 0.0)
-        g_loss = d_weight = torch.zeros((), device=x.device)
-        objective = nll + rest
-        logits_fake = None
-        if disc_on:
-            last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
-            objective, g_loss, d_weight, logits_fake = adversarial_objective(
-                self.discriminator, xrec, nll, rest, last_layer, self.hparams.disc_weight)
-        loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
+        last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
+        objective, loss, g_loss, d_weight, logits_fake = adversarial_objective(
+            self.discriminator if disc_on else None, xrec, nll, rest, last_layer, self.hparams.disc_weight)
         self._check_finite(loss, "the KL-VAE loss")
         self.manual_backward(objective)
-        terms = {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight}
+        terms = {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "g_loss": g_loss, "d_weight": d_weight}
         if logits_fake is not None:
             terms["logits_fake"] = logits_fake  # with its graph, for the discriminator step
         return xrec, q, terms

@@ -117,17 +117,12 @@ class VQGAN(QuantizedAutoencoder):
         xrec, q, aux = self(x)
         rec, p_loss, nll = self.nll(x, xrec)
         rest = q.loss + aux.get("aux_loss", 0.0)
-        g_loss = d_weight = torch.zeros((), device=x.device)
-        objective = nll + rest
-        logits_fake = None
-        if disc_on:
-            last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
-            objective, g_loss, d_weight, logits_fake = adversarial_objective(
-                self.discriminator, xrec, nll, rest, last_layer, self.hparams.disc_weight)
-        loss = nll.detach() + rest.detach() + d_weight * g_loss.detach()
+        last_layer = self.decoder.last_layer if self.hparams.adaptive_disc_weight else None
+        objective, loss, g_loss, d_weight, logits_fake = adversarial_objective(
+            self.discriminator if disc_on else None, xrec, nll, rest, last_layer, self.hparams.disc_weight)
         self.check_finite(loss, "the VQGAN autoencoder loss")
         self.manual_backward(objective)
-        terms = {"rec": rec.detach(), "p_loss": p_loss.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight,
+        terms = {"rec": rec.detach(), "p_loss": p_loss.detach(), "g_loss": g_loss, "d_weight": d_weight,
                  "loss": loss}
         if logits_fake is not None:
             terms["logits_fake"] = logits_fake  # with its graph, for the discriminator step

@@ -101,16 +101,23 @@ def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: 
     return (recon * (g_nll + d_weight * g_gan)).sum() + rest, d_weight
 
 
-def adversarial_objective(discriminator: nn.Module, recon: Tensor, nll: Tensor, rest: Tensor | float,
-                          last_layer: Tensor | None, disc_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The generator step's objective with the discriminator on: ``(objective, g_loss, d_weight, logits_fake)``.
+def adversarial_objective(discriminator: nn.Module | None, recon: Tensor, nll: Tensor, rest: Tensor | float,
+                          last_layer: Tensor | None, disc_weight: float
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The generator step's objective: ``(objective, loss, g_loss, d_weight, logits_fake)``.
 
-    The discriminator runs on a detached leaf copy of ``recon``: the generator's gradient is taken
-    at the copy (:func:`generator_objective`), and ``logits_fake`` keeps its graph so that the
-    discriminator's own step reuses it (its weights have not changed in between: one forward less).
+    ``discriminator=None`` (not started yet): ``objective = nll + rest``. Otherwise the discriminator
+    runs on a detached leaf copy of ``recon``: the generator's gradient is taken at the copy
+    (:func:`generator_objective`), and ``logits_fake`` keeps its graph so that the discriminator's
+    own step reuses it (its weights have not changed in between: one forward less). ``loss`` is the
+    detached value ``nll + rest + d_weight * g_loss`` (the objective has its gradients, not its value).
     """
-    fake = recon.detach().requires_grad_(True)
-    logits_fake = discriminator(fake)
-    g_loss = -logits_fake.mean()
-    objective, d_weight = generator_objective(recon, nll, g_loss, last_layer, disc_weight, rest, gan_input=fake)
-    return objective, g_loss, d_weight, logits_fake
+    g_loss = d_weight = torch.zeros((), device=recon.device)
+    objective, logits_fake = nll + rest, None
+    if discriminator is not None:
+        fake = recon.detach().requires_grad_(True)
+        logits_fake = discriminator(fake)
+        g_loss = -logits_fake.mean()
+        objective, d_weight = generator_objective(recon, nll, g_loss, last_layer, disc_weight, rest, gan_input=fake)
+    loss = nll.detach() + torch.as_tensor(rest).detach() + d_weight * g_loss.detach()
+    return objective, loss, g_loss.detach(), d_weight, logits_fake
