@@ -71,3 +71,14 @@ def write_synthetic_code_folder(folder: Path, n_train: int = 128, n_val: int = 3
         for i in range(0, n, 64):
             writer.write_shard(split, i // 64, codes[i : i + 64], labels[i : i + 64])
     writer.finalize()
+
+
+def taming_adaptive_weight(nll_loss, g_loss, last_layer, max_weight: float = 1e4):
+    """VQGAN's adaptive GAN weight computed as taming-transformers does (Esser et al., 2021): both losses
+    back-propagated to the decoder's last layer, ``||grad nll|| / (||grad g|| + 1e-4)`` clamped to
+    ``[0, max_weight]``, detached. The reference the one-pass generator step is tested against."""
+    import torch
+
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

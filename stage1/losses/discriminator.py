@@ -55,17 +55,6 @@ def adaptive_weight_from_grads(nll_grad: Tensor, g_grad: Tensor, max_weight: flo
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
-def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """Balance GAN and reconstruction gradients at the decoder's last layer (Esser et al., 2021).
-
-    Back-propagates both losses all the way to ``last_layer`` (through the discriminator and the
-    perceptual net); the training steps use :func:`generator_objective`, which needs one such pass.
-    """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return adaptive_weight_from_grads(nll_grad, g_grad, max_weight)
-
-
 def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: Tensor | None, disc_weight: float,
                         rest: Tensor | float, max_weight: float = 1e4,
                         gan_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -78,7 +67,8 @@ def generator_objective(recon: Tensor, nll: Tensor, g_loss: Tensor, last_layer: 
     which the generator step never uses -- and the adaptive weight's last-layer gradients are
     vector-Jacobian products of ``recon`` through the last layer alone. (Back-propagating both
     losses to the last layer and then the total loss again, taming's way, runs the discriminator
-    and perceptual backward twice.) Returns ``(sum(recon * sg(g_nll + d_weight * g_gan)) + rest,
+    and perceptual backward twice; ``tests/helpers.py`` keeps that way as the reference.)
+    Returns ``(sum(recon * sg(g_nll + d_weight * g_gan)) + rest,
     d_weight)`` with ``d_weight`` already times ``disc_weight``: the first has the total loss's
     parameter gradients, not its value. ``last_layer=None``: a fixed ``d_weight = disc_weight``.
 
