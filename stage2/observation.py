@@ -79,6 +79,13 @@ class ObservationPrior(Prior):
             if stats is not None:
                 standardizer.set(*stats)
 
+    def check_observations(self, n: int, context: Tensor | None) -> None:
+        """Refuse ``sample`` without ``n`` observation histories: a policy's codes exist only for them."""
+        if context is None or context.shape[0] != n:
+            raise ValueError(f"{type(self).__name__} samples codes for observation histories: pass context=obs of "
+                             "shape (n, h, O); to act, roll it out (scripts/sample.py CKPT -n 4, or "
+                             "data.actions.rollout with model.as_policy())")
+
     def tokenizer_units(self, actions: Tensor) -> Tensor:
         """This prior's normalised actions -> the frozen tokenizer's normalised units."""
         return self.frozen_tokenizer.normalize_actions(self.actions.unnormalize(actions))

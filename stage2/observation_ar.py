@@ -35,8 +35,5 @@ class ObservationARPrior(ARPrior, ObservationPrior):
 
     def sample(self, n: int, *args: Any, context: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Codes ``(n, 1, depth)`` for ``n`` normalised observation histories ``context`` ``(n, h, O)``."""
-        if context is None or context.shape[0] != n:
-            raise ValueError("the AR policy samples codes for observation histories: pass context=obs of shape "
-                             "(n, h, O); to act, roll it out (scripts/sample.py CKPT -n 4, or data.actions.rollout "
-                             "with model.as_policy())")
+        self.check_observations(n, context)
         return super().sample(n, *args, context=context, **kwargs)

@@ -176,10 +176,7 @@ class VQBeT(TransformerPrior, ObservationPrior):
     def sample(self, n: int, cond: int | Sequence[int] | Tensor | None = None, temperature: float = 1.0,
                generator: torch.Generator | None = None, context: Tensor | None = None) -> Tensor:
         """Codes ``(n, 1, depth)`` for ``n`` normalised observation histories ``context`` ``(n, h, O)``."""
-        if context is None or context.shape[0] != n:
-            raise ValueError("VQ-BeT samples codes for observation histories: pass context=obs of shape (n, h, O); "
-                             "to act, roll it out (scripts/sample.py CKPT -n 4, or data.actions.rollout with "
-                             "model.as_policy())")
+        self.check_observations(n, context)
         with self.evaluating():
             f, _ = self.features(context.to(self.device))
             return self._as_spec(self.draw_codes(f, temperature, generator))
