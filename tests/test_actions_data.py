@@ -253,16 +253,6 @@ def test_pusht_expert_draws_both_orbit_directions_from_one_start():
     assert turns[0] <= 0 <= turns[1]
 
 
-@pytest.fixture()
-def one_thread():
-    """A 32-wide MLP gains nothing from intra-op threads, and on a busy 2-core machine their
-    synchronisation costs 15x (0.13 s vs 2 s for 60 steps measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bc_mlp_learns_a_chunk_and_returns_actions_in_env_units(tmp_path, one_thread):
     import pytorch_lightning as pl
 

@@ -15,13 +15,7 @@ from stage1 import load_tokenizer
 from tokenforge.evaluate import main as evaluate
 from tokenforge.tokenize import main as tokenize
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny policies: see conftest.one_thread
 
 
 def test_split_dataloader_is_unshuffled_and_carries_each_items_position(tmp_path):

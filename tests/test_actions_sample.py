@@ -8,20 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from helpers import CONFIGS, train
 from stage2.observation_rollouts import policy_target
 from stage2.prior import load_prior
 from tokenforge.sample import main as sample
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny policies: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
